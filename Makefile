@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:
+#   make repro   set up .venv (pinned) and run the whole pipeline on the embedded default
+#   make test    the same set-up, then the whole test suite (what .ci/run calls)
+# Both are idempotent: the venv is rebuilt only when requirements.lock or pyproject.toml change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup repro test validate data model clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch==2.13.0 is pinned in the lock; pip takes the CPU wheel from the local disk here.
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+validate: setup
+	$(BIN)/medqlora validate params.yaml
+
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Regenerate the embedded default (both are committed; these only rebuild them).
+data: setup
+	$(BIN)/python scripts/make_dataset.py
+model: setup
+	$(BIN)/python scripts/make_tiny_model.py
+
+clean-venv:
+	rm -rf $(VENV)

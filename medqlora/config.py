@@ -1,0 +1,393 @@
+"""Load, validate and type `params.yaml`.
+
+`load_params(path)` is what every stage calls first: it parses the YAML (syntax errors with
+line and column), checks it against `schema/params.schema.json` and the cross-field rules,
+collects *every* problem and raises one `ParamsError` listing them all, each prefixed by its
+dotted key path (``lora.r: 0 is less than the minimum of 1``). Only then are defaults from the
+schema filled in and the typed settings built. No model or data is touched here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "params.schema.json"
+SECTIONS = ("seed", "data", "model", "quantization", "lora", "train", "evaluate", "merge",
+            "package", "runner")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ParamsError(ValueError):
+    """Every problem found in a params file, one `key.path: message` per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# ---------------------------------------------------------------- typed settings
+# Field meanings live in the schema's descriptions (one source of truth); these classes give
+# the stages attribute access and types. Defaults are filled from the schema before building.
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    format: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DataParams:
+    sources: tuple[Source, ...]
+    on_invalid: str
+    max_errors_reported: int
+    val_fraction: float
+    test_fraction: float
+    max_seq_length: int
+    overlength: str
+    packing: bool
+    system_prompt: str
+    phi: str
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    base: str
+    revision: str | None
+    trust_remote_code: bool
+    attn_implementation: str
+
+    @property
+    def is_local(self) -> bool:
+        """True when `base` is a folder on disk rather than a hub id."""
+        return Path(self.base).is_dir()
+
+
+@dataclass(frozen=True)
+class QuantizationParams:
+    load_in_4bit: bool
+    bnb_4bit_quant_type: str
+    bnb_4bit_use_double_quant: bool
+    bnb_4bit_compute_dtype: str
+    bnb_4bit_quant_storage: str
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...] | str
+    bias: str
+    use_rslora: bool
+    use_dora: bool
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    num_train_epochs: float
+    max_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    optim: str
+    mixed_precision: str
+    gradient_checkpointing: bool
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    early_stopping_patience: int
+    early_stopping_threshold: float
+    adaptive_batch_size: bool
+    init_adapter: str | None
+    memory_budget_gib: float | None
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    max_examples: int | None
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    batch_size: int
+    bootstrap_samples: int
+    compare_base: bool
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    enabled: bool
+    into: str
+    parity_prompts: int
+    max_abs_logit_diff: float
+    min_top1_agreement: float
+    requantize: bool
+    max_shard_size: str
+
+
+@dataclass(frozen=True)
+class PackageParams:
+    name: str
+    include_merged: bool
+    license: str
+
+
+@dataclass(frozen=True)
+class DistributedParams:
+    num_processes: int
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str | None
+    main_process_port: int
+    strategy: str
+    keep_effective_batch: bool
+
+
+@dataclass(frozen=True)
+class RunnerParams:
+    backend: str
+    image: str | None
+    gpus: str | int | tuple[str, ...]
+    shm_size: str
+    env: tuple[str, ...]
+    mounts: tuple[str, ...]
+    network: str
+    distributed: DistributedParams
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    model: ModelParams
+    quantization: QuantizationParams
+    lora: LoraParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    merge: MergeParams
+    package: PackageParams
+    runner: RunnerParams
+    raw: dict[str, Any]  # the validated mapping with defaults filled, for meta.json
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The resolved values of some sections, e.g. what a stage records in meta.json."""
+        return {name: self.raw[name] for name in names}
+
+
+# ---------------------------------------------------------------- loading
+
+def load_schema() -> dict[str, Any]:
+    """The params JSON Schema shipped with the project."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", mark)
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a syntax error becomes a ParamsError with file:line:column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError([f"{path}: file not found"]) from None
+    except UnicodeDecodeError as err:
+        raise ParamsError([f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ParamsError([f"{where}: invalid YAML: {err.problem or err.context}"]) from None
+    except yaml.YAMLError as err:
+        raise ParamsError([f"{path}: invalid YAML: {err}"]) from None
+
+
+def key_path(parts) -> str:
+    """['data', 'sources', 0, 'path'] -> 'data.sources[0].path'."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _schema_at(schema: dict, parts) -> dict:
+    """The sub-schema describing the object at `parts` (for did-you-mean suggestions)."""
+    node = schema
+    for part in parts:
+        if isinstance(part, int):
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(part, {})
+    return node
+
+
+def _describe(error, schema: dict) -> list[str]:
+    """Turn one jsonschema error into user-facing `path: message` lines."""
+    where = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = sorted(_schema_at(schema, where).get("properties", {}))
+        lines = []
+        for key in sorted(set(error.instance) - set(known)):
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            lines.append(f"{key_path(where + [key])}: unknown key{hint}")
+        return lines
+    if error.validator == "required":
+        missing = re.match(r"'([^']+)' is a required property", error.message)
+        name = missing.group(1) if missing else error.message
+        return [f"{key_path(where + [name])}: required key is missing"]
+    if error.validator == "oneOf" and error.context:
+        # Report the branch closest to the value's type rather than "not valid under any".
+        best = min(error.context, key=lambda e: (e.validator == "type", len(e.message)))
+        return [f"{key_path(where)}: {best.message}"]
+    return [f"{key_path(where)}: {error.message}"]
+
+
+def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
+    """Rules a JSON Schema cannot express; reported together with the schema errors."""
+    problems = []
+    data, lora = doc.get("data", {}), doc.get("lora", {})
+    val, test = data.get("val_fraction", 0.05), data.get("test_fraction", 0.05)
+    if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
+        problems.append(f"data.val_fraction + data.test_fraction: {val} + {test} must be below 1 "
+                        "(nothing would be left to train on)")
+    for i, source in enumerate(data.get("sources") or []):
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            if not (root / source["path"]).is_file():
+                problems.append(f"data.sources[{i}].path: {source['path']} not found "
+                                f"(relative to {root})")
+    if lora.get("target_modules") == []:
+        problems.append("lora.target_modules: is empty; list module names (e.g. q_proj, v_proj) "
+                        "or use \"all-linear\"")
+    package, merge = doc.get("package", {}), doc.get("merge", {})
+    if package.get("include_merged") and merge.get("enabled") is False:
+        problems.append("package.include_merged: true needs merge.enabled: true")
+    dist = doc.get("runner", {}).get("distributed", {}) or {}
+    machines, rank = dist.get("num_machines", 1), dist.get("machine_rank", 0)
+    if isinstance(machines, int) and isinstance(rank, int) and rank >= machines:
+        problems.append(f"runner.distributed.machine_rank: {rank} must be below num_machines "
+                        f"({machines})")
+    if isinstance(machines, int) and machines > 1 and not dist.get("main_process_ip"):
+        problems.append("runner.distributed.main_process_ip: required when num_machines > 1")
+    procs = dist.get("num_processes", 1)
+    if isinstance(procs, int) and isinstance(machines, int) and procs < machines:
+        problems.append(f"runner.distributed.num_processes: {procs} is fewer than num_machines "
+                        f"({machines})")
+    return problems
+
+
+def _fill_defaults(node: Any, schema: dict) -> Any:
+    """Copy of `node` with every missing key that has a schema default filled in."""
+    if isinstance(node, dict) and "properties" in schema:
+        out = dict(node)
+        for name, sub in schema["properties"].items():
+            if name not in out and "default" in sub:
+                out[name] = json.loads(json.dumps(sub["default"]))
+            if name in out:
+                out[name] = _fill_defaults(out[name], sub)
+        return out
+    if isinstance(node, list) and isinstance(schema.get("items"), dict):
+        return [_fill_defaults(item, schema["items"]) for item in node]
+    return node
+
+
+def validate_document(doc: Any, root: Path = Path(".")) -> list[str]:
+    """All problems of a parsed params document (empty list when valid)."""
+    schema = load_schema()
+    if not isinstance(doc, dict):
+        return [f"(top level): expected a mapping of sections, got {type(doc).__name__}"]
+    validator = Draft202012Validator(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        problems.extend(_describe(error, schema))
+    problems.extend(_cross_field(doc, root))
+    return list(dict.fromkeys(problems))  # stable de-duplication
+
+
+def warnings_for(params: Params) -> list[str]:
+    """Advice that does not stop a run (printed by `medqlora validate` and the stages)."""
+    notes = []
+    if not params.model.is_local and HUB_ID.match(params.model.base) and not params.model.revision:
+        notes.append(f"model.revision: {params.model.base} is a hub id without a pinned commit; "
+                     "a retrain later may get different weights")
+    return notes
+
+
+def _build(cls, values: dict[str, Any]):
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name == "raw":
+            continue
+        value = values[field.name]
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[field.name] = value
+    return cls(**kwargs)
+
+
+def build_params(doc: dict[str, Any]) -> Params:
+    """Typed settings from a *validated* document (defaults filled from the schema)."""
+    full = _fill_defaults(doc, load_schema())
+    data = dict(full["data"])
+    data["sources"] = [Source(s["path"], s["format"], dict(s.get("fields", {})))
+                       for s in data["sources"]]
+    runner = dict(full["runner"])
+    runner["distributed"] = _build(DistributedParams, runner["distributed"])
+    return Params(
+        seed=full["seed"],
+        data=_build(DataParams, data),
+        model=_build(ModelParams, full["model"]),
+        quantization=_build(QuantizationParams, full["quantization"]),
+        lora=_build(LoraParams, full["lora"]),
+        train=_build(TrainParams, full["train"]),
+        evaluate=_build(EvaluateParams, full["evaluate"]),
+        merge=_build(MergeParams, full["merge"]),
+        package=_build(PackageParams, full["package"]),
+        runner=_build(RunnerParams, runner),
+        raw=full,
+    )
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Parse, validate (all problems at once) and type a params file.
+
+    Relative data paths are checked against the folder holding the params file's project:
+    the current directory, where DVC runs every stage.
+    """
+    doc = read_yaml(path)
+    problems = validate_document(doc, Path.cwd())
+    if problems:
+        raise ParamsError(problems)
+    return build_params(doc)
