@@ -275,15 +275,30 @@ def _describe(error, schema: dict) -> list[str]:
     return [f"{key_path(where)}: {error.message}"]
 
 
+def _mapping(node: Any, *keys: str) -> dict[str, Any]:
+    """node[k1][k2]... when every level is a mapping, else {} (the schema reports the rest)."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
-    """Rules a JSON Schema cannot express; reported together with the schema errors."""
+    """Rules a JSON Schema cannot express; reported together with the schema errors.
+
+    They run on documents that may be invalid, so every read tolerates wrong types.
+    """
     problems = []
-    data, lora = doc.get("data", {}), doc.get("lora", {})
+    data, lora = _mapping(doc, "data"), _mapping(doc, "lora")
     val, test = data.get("val_fraction", 0.05), data.get("test_fraction", 0.05)
-    if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
+    if _number(val) and _number(test) and val + test >= 1:
         problems.append(f"data.val_fraction + data.test_fraction: {val} + {test} must be below 1 "
                         "(nothing would be left to train on)")
-    for i, source in enumerate(data.get("sources") or []):
+    sources = data.get("sources")
+    for i, source in enumerate(sources if isinstance(sources, list) else []):
         if isinstance(source, dict) and isinstance(source.get("path"), str):
             if not (root / source["path"]).is_file():
                 problems.append(f"data.sources[{i}].path: {source['path']} not found "
@@ -291,18 +306,18 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
     if lora.get("target_modules") == []:
         problems.append("lora.target_modules: is empty; list module names (e.g. q_proj, v_proj) "
                         "or use \"all-linear\"")
-    package, merge = doc.get("package", {}), doc.get("merge", {})
+    package, merge = _mapping(doc, "package"), _mapping(doc, "merge")
     if package.get("include_merged") and merge.get("enabled") is False:
         problems.append("package.include_merged: true needs merge.enabled: true")
-    dist = doc.get("runner", {}).get("distributed", {}) or {}
+    dist = _mapping(doc, "runner", "distributed")
     machines, rank = dist.get("num_machines", 1), dist.get("machine_rank", 0)
-    if isinstance(machines, int) and isinstance(rank, int) and rank >= machines:
+    if _number(machines) and _number(rank) and rank >= machines:
         problems.append(f"runner.distributed.machine_rank: {rank} must be below num_machines "
                         f"({machines})")
-    if isinstance(machines, int) and machines > 1 and not dist.get("main_process_ip"):
+    if _number(machines) and machines > 1 and not dist.get("main_process_ip"):
         problems.append("runner.distributed.main_process_ip: required when num_machines > 1")
     procs = dist.get("num_processes", 1)
-    if isinstance(procs, int) and isinstance(machines, int) and procs < machines:
+    if _number(procs) and _number(machines) and procs < machines:
         problems.append(f"runner.distributed.num_processes: {procs} is fewer than num_machines "
                         f"({machines})")
     return problems
