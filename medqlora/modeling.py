@@ -155,3 +155,23 @@ def trainable_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return trainable, total
+
+
+def settings_from_meta(meta: dict[str, Any]) -> tuple[ModelParams, QuantizationParams, Precision]:
+    """(ModelParams, QuantizationParams, Precision) an adapter was trained with, from its meta.json.
+
+    Downstream stages load the base exactly as train did: same id/revision, same 4-bit
+    settings, same compute dtype (meta["precision"]["compute_dtype"], which already includes
+    train's fallbacks). The precision is re-resolved for *this* device, so an adapter trained
+    with bf16 on an Ampere GPU still loads on an older GPU (float16, noted) or a CPU.
+    """
+    from dataclasses import fields, replace
+    params = meta["params"]
+    model = ModelParams(**{f.name: params["model"][f.name] for f in fields(ModelParams)})
+    quant = QuantizationParams(**{f.name: params["quantization"][f.name]
+                                  for f in fields(QuantizationParams)})
+    trained = meta.get("precision", {})
+    compute = trained.get("compute_dtype", quant.bnb_4bit_compute_dtype)
+    mixed = "bf16" if trained.get("bf16") else ("fp16" if trained.get("fp16") else "no")
+    precision = resolve_precision(replace(quant, bnb_4bit_compute_dtype=compute), mixed)
+    return model, quant, precision

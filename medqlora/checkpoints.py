@@ -1,0 +1,93 @@
+"""Training checkpoints: where a run keeps them, and which one it may resume from.
+
+Checkpoints live outside the stage's DVC outputs (`checkpoints/train/`, git-ignored), in a
+subfolder named by a fingerprint of everything that shapes the weights (the train-relevant
+params and the prepared data's hash). A changed config or dataset therefore gets a fresh
+folder and never resumes a stale run.
+
+A checkpoint counts as *complete* when its trainer_state.json parses, its adapter weights
+load (safetensors) and its optimizer, scheduler and RNG states load. A run killed while
+writing one (kill -9, full disk) leaves a partial folder; it is moved aside with a warning
+naming it, and the newest complete one is used instead.
+
+Pickle containment: the Trainer writes optimizer.pt / scheduler.pt / rng_state.pth with
+torch.save. transformers 5 reads them back with `torch.load(weights_only=True)` (inside its
+`safe_globals()` allow-list for the numpy RNG state), i.e. PyTorch's restricted unpickler
+that only rebuilds tensors and plain containers; we check them the same way. They are this
+run's own local files and are never shipped: the adapter output holds safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SKIPPED = "skipped"
+# Keys that change how a run is saved, logged or scheduled on this machine, not its weights:
+# changing them keeps resuming the same run.
+NOT_FINGERPRINTED = ("save_total_limit", "adaptive_batch_size", "memory_budget_gib",
+                     "per_device_eval_batch_size")
+
+
+def fingerprint(params: dict[str, Any], data_hash: str) -> str:
+    """Short hash of the weight-shaping params (seed, model, quantization, lora, train) + data."""
+    train = {k: v for k, v in params.get("train", {}).items() if k not in NOT_FINGERPRINTED}
+    doc = {**params, "train": train, "data_sha256": data_hash}
+    blob = json.dumps(doc, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders of a run, newest (highest N) first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _torch_state_loads(path: Path) -> None:
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+    with safe_globals():
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None when it is complete."""
+    from safetensors import safe_open
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        if "global_step" not in state:
+            return "trainer_state.json has no global_step"
+        with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_tensor(key)
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            _torch_state_loads(ckpt / name)
+    except FileNotFoundError as err:
+        return f"missing {Path(err.filename).name if err.filename else err}"
+    except Exception as err:  # noqa: BLE001 - any failure to load means "not resumable"
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def latest_complete(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run; incomplete newer ones are moved aside."""
+    for ckpt in checkpoints(run_dir):
+        why = problem(ckpt)
+        if why is None:
+            return ckpt
+        # Moved out of the checkpoint-N namespace so the Trainer's rotation (which counts
+        # checkpoint-* folders) can neither pick it nor delete a good one because of it.
+        dest = run_dir / SKIPPED / f"{ckpt.name}-{int(time.time())}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.rename(dest)
+        log.warning("skipping incomplete checkpoint %s (%s); moved to %s", ckpt, why, dest)
+    return None

@@ -1,0 +1,386 @@
+"""The train stage: QLoRA on the prepared data with checkpoints, resume and early stopping.
+
+    python stages/train.py --params params.yaml --data data/prepared --out models/adapter \
+        --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json
+
+Reads top to bottom: load the base (NF4 through bitsandbytes, CPU too) -> prepare it for k-bit
+training -> attach LoRA (or continue `train.init_adapter`) -> Hugging Face Trainer with our
+collator, dvclive curves and early stopping -> resume from the newest complete checkpoint of
+*this* config -> write the adapter (safetensors only) atomically with its meta.json, and
+metrics/train.json. On CUDA out-of-memory the micro-batch halves and accumulation doubles
+(same effective batch) and the run resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medqlora import checkpoints, modeling
+from medqlora.config import Params
+from medqlora.outputs import atomic_dir, sha256_tree, write_json
+from medqlora.provenance import write_meta
+
+log = logging.getLogger(__name__)
+SECTIONS = ("seed", "model", "quantization", "lora", "train")
+CUDA_ONLY_OPTIMS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------- arithmetic
+
+def total_optimizer_steps(rows: int, batch: int, accum: int, epochs: float,
+                          max_steps: int) -> int:
+    """Optimizer steps the Trainer will run, computed the way transformers 5 does.
+
+    max_steps > 0 wins. Otherwise: micro-batches per epoch = ceil(rows / batch); optimizer
+    steps per epoch = ceil(micro-batches / accum); total = ceil(epochs x steps per epoch).
+    E.g. 1,000 rows / batch 8 = 125 micro-batches; / accum 2 = 63 steps; x 3 epochs = 189.
+    """
+    if max_steps > 0:
+        return max_steps
+    micro_batches = math.ceil(rows / batch)
+    per_epoch = max(math.ceil(micro_batches / accum), 1)
+    return math.ceil(epochs * per_epoch)
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """train.warmup_ratio -> warmup_steps (transformers 5 dropped the ratio): ceil(ratio x total).
+
+    E.g. 0.03 x 189 = 5.67 -> 6 warmup steps; 0.03 x 10 = 0.3 -> 1; ratio 0 -> 0.
+    """
+    return math.ceil(ratio * total_steps - 1e-9)
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class Collator:
+    """Pads a batch to its longest row: input_ids with the pad id, labels with -100.
+
+    Unpacked rows get an attention_mask (1 on real tokens). Packed rows (train_packed.parquet)
+    carry position_ids that restart at 0 for every example; they get no attention_mask, so
+    transformers builds a block-diagonal causal mask from the position_ids and examples packed
+    together do not attend to each other. Their padding is given positions 0..k-1 as well,
+    which makes it one more (fully masked-out, label -100) "example".
+    """
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(row["input_ids"]) for row in rows)
+        packed = "position_ids" in rows[0]
+        batch: dict[str, list] = {"input_ids": [], "labels": []}
+        batch["position_ids" if packed else "attention_mask"] = []
+        for row in rows:
+            size = len(row["input_ids"])
+            pad = longest - size
+            batch["input_ids"].append(list(row["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(row["labels"]) + [-100] * pad)
+            if packed:
+                batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append([1] * size + [0] * pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def load_split(path: Path):
+    """A prepared parquet file as a datasets.Dataset of the columns training uses."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage (`dvc repro prepare`)")
+    names = pq.read_schema(path).names
+    columns = [c for c in ("input_ids", "labels", "position_ids") if c in names]
+    return Dataset(pq.read_table(path, columns=columns))
+
+
+def load_data(data_dir: Path):
+    """(train, val): train_packed.parquet when prepare packed, else train.parquet."""
+    packed = data_dir / "train_packed.parquet"
+    train = load_split(packed if packed.is_file() else data_dir / "train.parquet")
+    val = load_split(data_dir / "val.parquet")
+    log.info("train rows: %d (%s), val rows: %d", len(train),
+             "packed" if packed.is_file() else "one example per row", len(val))
+    return train, val
+
+
+# ---------------------------------------------------------------- model
+
+def find_adapter(path: str | Path) -> Path:
+    """The adapter folder inside `path` (itself, or a package folder holding one)."""
+    path = Path(path)
+    candidates = [path] + sorted(p.parent for p in path.rglob("adapter_config.json"))
+    for folder in candidates:
+        if all((folder / name).is_file() for name in ADAPTER_FILES):
+            return folder
+    raise FileNotFoundError(f"train.init_adapter: {path} holds no {' + '.join(ADAPTER_FILES)}")
+
+
+def build_model(params: Params, precision: modeling.Precision):
+    """Base (4-bit or not) prepared for training, with a trainable LoRA adapter attached."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    base = modeling.load_base(params.model, params.quantization, precision)
+    checkpointing = params.train.gradient_checkpointing
+    ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks frozen-input grads
+    if params.quantization.load_in_4bit:
+        # Casts norms/embeddings to fp32 for stability and enables input grads.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
+                                               gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        base.enable_input_require_grads()
+    if params.train.init_adapter:
+        folder = find_adapter(params.train.init_adapter)
+        log.info("continuing from adapter %s (its LoRA settings are kept)", folder)
+        return modeling.load_adapter(base, folder, trainable=True)
+    return get_peft_model(base, modeling.lora_config(params.lora))
+
+
+def resolve_optim(name: str, device: str) -> tuple[str, list[str]]:
+    """The optimizer this device can run, and the fallback note when it had to change."""
+    if name in CUDA_ONLY_OPTIMS and device != "cuda":
+        note = f"train.optim: {name} needs CUDA (bitsandbytes paged/8-bit); using adamw_torch"
+        log.warning(note)
+        return "adamw_torch", [note]
+    return name, []
+
+
+# ---------------------------------------------------------------- dvclive
+
+class LiveCallback:
+    """Per-step loss, learning rate, grad norm and eval loss into dvclive (x: step).
+
+    On resume the checkpoint's log history is replayed first, so the curves are whole.
+    """
+
+    KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate",
+            "grad_norm": "train/grad_norm", "eval_loss": "eval/loss"}
+
+    def __init__(self, live_dir: Path):
+        self.dir, self.live = live_dir, None
+
+    def _log(self, entry: dict[str, Any], step: int) -> None:
+        values = {name: entry[key] for key, name in self.KEYS.items() if key in entry}
+        if self.live is None or not values:
+            return
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(name, float(value))
+        self.live.make_summary()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from dvclive import Live
+        if state.is_world_process_zero:
+            self.live = Live(str(self.dir), resume=False, save_dvc_exp=False, dvcyaml=None)
+            for entry in state.log_history:
+                self._log(entry, entry.get("step", 0))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._log(logs or {}, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.live is not None:
+            self.live.end()
+            self.live = None
+
+
+def _callback(obj):
+    """Wrap a duck-typed callback as a transformers TrainerCallback."""
+    from transformers import TrainerCallback
+    cls = type(type(obj).__name__, (TrainerCallback,), {
+        name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end")})
+    return cls()
+
+
+# ---------------------------------------------------------------- trainer
+
+@dataclass(frozen=True)
+class Plan:
+    """What one attempt runs with (batch/accumulation change on CUDA OOM)."""
+    batch: int
+    accum: int
+    total_steps: int
+    warmup_steps: int
+    optim: str
+    notes: tuple[str, ...]
+
+
+def make_plan(params: Params, rows: int, device: str, batch: int, accum: int) -> Plan:
+    """Batch, steps and warmup for one attempt."""
+    t = params.train
+    total = total_optimizer_steps(rows, batch, accum, t.num_train_epochs, t.max_steps)
+    optim, notes = resolve_optim(t.optim, device)
+    return Plan(batch, accum, total, warmup_steps(t.warmup_ratio, total), optim, tuple(notes))
+
+
+def training_args(params: Params, plan: Plan, precision: modeling.Precision, run_dir: Path,
+                  fresh: bool):
+    """TrainingArguments from the `train` section (names kept; see the schema)."""
+    from transformers import TrainingArguments
+    t = params.train
+    early = t.early_stopping_patience > 0
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=plan.batch, gradient_accumulation_steps=plan.accum,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=plan.warmup_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=plan.optim,
+        bf16=precision.bf16, fp16=precision.fp16, use_cpu=precision.device == "cpu",
+        logging_steps=t.logging_steps, eval_strategy="steps", eval_steps=t.eval_steps,
+        eval_on_start=fresh,  # the starting validation loss, once per run (not on resume)
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        metric_for_best_model="eval_loss", greater_is_better=False,
+        # The best checkpoint is kept out of rotation and its path lives in trainer_state.json,
+        # so this survives a resume; it needs saves to land on evaluation steps.
+        load_best_model_at_end=early and t.save_steps % t.eval_steps == 0,
+        seed=params.seed, data_seed=params.seed,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir: Path,
+        live_dir: Path, plan: Plan):
+    """One training attempt; returns (trainer, resumed-from checkpoint or None, seconds)."""
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    set_seed(params.seed)  # LoRA init and dropout; data order comes from data_seed
+    model = build_model(params, precision)
+    resume = checkpoints.latest_complete(run_dir)
+    args = training_args(params, plan, precision, run_dir, fresh=resume is None)
+    callbacks = [_callback(LiveCallback(live_dir))]
+    if params.train.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
+                                               params.train.early_stopping_threshold))
+    trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
+                      data_collator=Collator(tokenizer.pad_token_id),
+                      processing_class=tokenizer, callbacks=callbacks)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return trainer, resume, time.perf_counter() - started
+
+
+def fit_adaptive(params, precision, tokenizer, data, run_dir, live_dir):
+    """fit(), halving the micro-batch and doubling accumulation on CUDA out-of-memory."""
+    t = params.train
+    batch, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    while True:
+        plan = make_plan(params, len(data[0]), precision.device, batch, accum)
+        try:
+            return (*fit(params, precision, tokenizer, data, run_dir, live_dir, plan), plan)
+        except torch.cuda.OutOfMemoryError:
+            if not (t.adaptive_batch_size and precision.device == "cuda" and batch > 1):
+                raise
+            log.warning("CUDA out of memory at per_device_train_batch_size=%d: retrying with "
+                        "%d x %d accumulation (same effective batch %d); set "
+                        "train.per_device_train_batch_size=%d to skip this next time",
+                        batch, batch // 2, accum * 2, batch * accum, batch // 2)
+            batch, accum = batch // 2, accum * 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- outputs
+
+def peak_memory_gib(device: str) -> float:
+    """CUDA max allocated, or the process's peak RSS on CPU (Linux reports KiB)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str) -> dict:
+    """metrics/train.json: final losses, steps, throughput, memory, parameter counts."""
+    state = trainer.state
+    history = state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]  # each: mean of its logging window
+    evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+    final_eval = trainer.evaluate()["eval_loss"]
+    tokens_at_resume = 0
+    if resumed_from is not None:
+        tokens_at_resume = json.loads((Path(resumed_from) / "trainer_state.json").read_text()
+                                      ).get("num_input_tokens_seen", 0)
+    trainable, total = modeling.trainable_parameters(trainer.model)
+    tokens = int(state.num_input_tokens_seen)
+    return {
+        "train_loss": losses[-1] if losses else None,
+        "eval_loss": final_eval,
+        "eval_loss_start": evals[0] if evals else None,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "tokens_seen": tokens,
+        "tokens_per_second": (tokens - tokens_at_resume) / seconds if seconds else None,
+        "peak_memory_gib": peak_memory_gib(device),
+        "trainable_params": trainable,
+        "total_params": total,
+        "effective_batch": plan.batch * plan.accum,
+        "per_device_train_batch_size": plan.batch,
+        "gradient_accumulation_steps": plan.accum,
+        "warmup_steps": plan.warmup_steps,
+        "total_steps_planned": plan.total_steps,
+        "resumed_from_step": int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0,
+    }
+
+
+def base_info(params: Params) -> dict[str, Any]:
+    """Which base weights the adapter belongs to (sha256 of a local folder, else null)."""
+    model = params.model
+    return {"id": model.base, "revision": model.revision,
+            "sha256": sha256_tree(model.base) if model.is_local else None}
+
+
+def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precision,
+                 plan: Plan, data_dir: Path, out_dir: Path) -> None:
+    """models/adapter/: safetensors adapter, tokenizer and meta.json, written atomically."""
+    inputs: dict[str, Path] = {"prepared": data_dir}
+    init = find_adapter(params.train.init_adapter) if params.train.init_adapter else None
+    if init is not None:
+        inputs["init_adapter"] = init
+    with atomic_dir(out_dir) as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_meta(tmp, stage="train", params=params.section(*SECTIONS), inputs=inputs, extra={
+            "precision": {
+                "device": precision.device,
+                "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+                "bf16": precision.bf16, "fp16": precision.fp16,
+                "notes": [*precision.notes, *plan.notes],
+            },
+            "base": base_info(params),
+            "init_adapter": str(init) if init else None,
+            "effective": {"per_device_train_batch_size": plan.batch,
+                          "gradient_accumulation_steps": plan.accum, "optim": plan.optim,
+                          "warmup_steps": plan.warmup_steps},
+        })
+
+
+def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_dir: str | Path,
+        live_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
+    """The whole train stage; returns the metrics written to `metrics_path`."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    precision = modeling.resolve_precision(params.quantization, params.train.mixed_precision)
+    data = load_data(data_dir)
+    key = checkpoints.fingerprint(params.section(*SECTIONS), sha256_tree(data_dir))
+    run_dir = Path(checkpoints_dir) / key
+    log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
+    tokenizer = modeling.load_tokenizer(params.model)
+    trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
+                                                   run_dir, Path(live_dir))
+    metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
+    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir)
+    write_json(metrics_path, metrics)
+    log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s", metrics["global_step"],
+             metrics["eval_loss_start"] or float("nan"), metrics["eval_loss"],
+             metrics["tokens_per_second"] or 0)
+    return metrics

@@ -1,0 +1,28 @@
+"""Train stage: QLoRA adapter from the prepared data (see medqlora/training.py).
+
+    python stages/train.py --params params.yaml --data data/prepared --out models/adapter \
+        --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medqlora import stage  # noqa: E402
+
+
+def main(argv=None):
+    parser = stage.parser("Train a LoRA adapter on the 4-bit base.")
+    parser.add_argument("--data", default="data/prepared", help="prepared data folder")
+    parser.add_argument("--out", default="models/adapter", help="adapter output folder")
+    parser.add_argument("--checkpoints", default="checkpoints/train",
+                        help="resumable checkpoints (git-ignored, not a DVC output)")
+    parser.add_argument("--live", default="dvclive/train", help="dvclive folder (loss curves)")
+    parser.add_argument("--metrics", default="metrics/train.json", help="metrics file")
+    args, params = stage.start("train", parser, argv)
+    from medqlora.training import run
+    run(params, args.data, args.out, args.checkpoints, args.live, args.metrics)
+
+
+if __name__ == "__main__":
+    main()
