@@ -1,0 +1,26 @@
+"""Prepare stage: raw records -> data/prepared/{train,val,test}.parquet + metrics.
+
+    python stages/prepare.py --params params.yaml --out data/prepared --metrics metrics/prepare.json
+
+Reads `data` and the tokenizer of `model.base`; see medqlora/dataset.py for the steps.
+Exit 0 on success, 1 when records are invalid or hold personal identifiers (nothing written),
+2 when params.yaml is invalid.
+"""
+from __future__ import annotations
+
+import sys
+
+from medqlora import stage
+from medqlora.dataset import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage.parser(__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/prepared", help="output folder")
+    parser.add_argument("--metrics", default="metrics/prepare.json", help="metrics file")
+    args, params = stage.start("prepare", parser, argv)
+    return run(params, args.out, args.metrics)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
