@@ -1,0 +1,287 @@
+"""The package's model card (README.md) and its two charts.
+
+    card = Card(name=..., base=..., adapter_meta=..., metrics={...}, ...)
+    text = render(card)
+    images = write_charts(out / "images", Path("dvclive/train"), metrics["evaluate"])
+
+Charts are drawn with matplotlib's Agg backend (no display) and saved without a date or
+software stamp, so the same inputs give the same PNG bytes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Metrics of metrics/evaluate.json shown in the card and chart: (key, label, higher is better).
+EVAL_METRICS = (("perplexity", "Perplexity", False), ("bleu", "BLEU", True),
+                ("rouge_l", "ROUGE-L", True), ("diagnostic_accuracy", "Diagnostic accuracy", True))
+PNG_METADATA = {"Software": None}
+
+
+@dataclass
+class Card:
+    """Everything the card states; gathered by packaging.build_package."""
+    name: str
+    license: str
+    base: str
+    adapter_meta: dict[str, Any]
+    metrics: dict[str, dict | None]
+    generation: dict[str, Any]
+    images: list[str] = field(default_factory=list)
+    include_merged: bool = False
+    data_meta: dict | None = None
+
+
+# ---------------------------------------------------------------- charts
+
+def loss_series(plots_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """{"train/loss": (steps, values), ...} from dvclive's TSV files whose name has "loss"."""
+    series = {}
+    root = plots_dir / "plots" / "metrics"
+    for path in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        if "loss" not in path.stem:
+            continue
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        if rows and "step" in rows[0] and path.stem in rows[0]:
+            series[path.relative_to(root).with_suffix("").as_posix()] = (
+                [float(r["step"]) for r in rows], [float(r[path.stem]) for r in rows])
+    return series
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # no display; must precede the pyplot import
+    from matplotlib import pyplot as plt
+    return plt
+
+
+def loss_chart(path: Path, series: dict) -> bool:
+    """Loss against optimizer step, one line per dvclive loss series."""
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, (steps, values) in series.items():
+        ax.plot(steps, values, marker="o", markersize=3, label=name)
+    ax.set(xlabel="optimizer step", ylabel="loss", title="Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata=PNG_METADATA)
+    plt.close(fig)
+    return True
+
+
+def comparison_chart(path: Path, evaluate: dict | None) -> bool:
+    """Base vs adapter bars for each metric both have, with the 95% CI as error bars."""
+    if not evaluate or not evaluate.get("base") or not evaluate.get("adapter"):
+        return False
+    shown = [(k, label) for k, label, _ in EVAL_METRICS
+             if evaluate["base"].get(k) is not None and evaluate["adapter"].get(k) is not None]
+    if not shown:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.4 * len(shown), 3.2), dpi=100,
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[0], shown):
+        values = [evaluate[m][key] for m in ("base", "adapter")]
+        errors = [[0, 0], [0, 0]]
+        for i, model in enumerate(("base", "adapter")):
+            ci = evaluate[model].get(f"{key}_ci95")
+            if ci:
+                errors[0][i], errors[1][i] = values[i] - ci[0], ci[1] - values[i]
+        ax.bar(["base", "adapter"], values, yerr=errors, capsize=4,
+               color=["#9e9e9e", "#1f77b4"])
+        ax.set_title(label, fontsize=9)
+    fig.suptitle("Base vs base + adapter (test split, 95% CI)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata=PNG_METADATA)
+    plt.close(fig)
+    return True
+
+
+def write_charts(out: Path, plots_dir: Path, evaluate: dict | None) -> list[str]:
+    """Draw what the inputs allow; return the image paths relative to the package root."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    if loss_chart(out / "loss_curve.png", loss_series(plots_dir)):
+        made.append(f"{out.name}/loss_curve.png")
+    if comparison_chart(out / "base_vs_adapter.png", evaluate):
+        made.append(f"{out.name}/base_vs_adapter.png")
+    if not made:
+        out.rmdir()
+    return made
+
+
+# ---------------------------------------------------------------- text
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "n/a"
+    return str(value)
+
+
+def _with_ci(block: dict, key: str) -> str:
+    value, ci = block.get(key), block.get(f"{key}_ci95")
+    if value is None:
+        return "n/a"
+    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(value)
+
+
+def _scalars(block: dict | None, prefix: str = "") -> list[tuple[str, Any]]:
+    """Flattened (key, value) pairs of the numbers and strings in a metrics block."""
+    out = []
+    for key, value in sorted((block or {}).items()):
+        if isinstance(value, dict):
+            out.extend(_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("key", "value")) -> str:
+    lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
+    return "\n".join(lines) if rows else "_not recorded_"
+
+
+def _evaluation(evaluate: dict | None) -> str:
+    if not evaluate or not evaluate.get("adapter"):
+        return "_No evaluation recorded (metrics/evaluate.json missing)._"
+    base = evaluate.get("base") or {}
+    lines = [f"Test split, {evaluate.get('n', 'n/a')} examples "
+             f"({evaluate.get('n_diagnostic', 'n/a')} with a diagnostic label). "
+             "Brackets: 95% bootstrap confidence interval.", "",
+             "| metric | base | base + adapter |", "|---|---|---|"]
+    for key, label, better in EVAL_METRICS:
+        arrow = "higher is better" if better else "lower is better"
+        lines.append(f"| {label} ({arrow}) | {_with_ci(base, key)} | "
+                     f"{_with_ci(evaluate['adapter'], key)} |")
+    return "\n".join(lines)
+
+
+def _parity(merge: dict | None) -> str:
+    if not merge:
+        return "_No merge recorded._"
+    if merge.get("enabled") is False:
+        return "Merging was disabled (`merge.enabled: false`): deploy the adapter on the 4-bit base."
+    tol = merge.get("tolerance", {})
+    text = (f"Merged into the **{merge.get('into')}** base weights ({merge.get('dtype')}). On "
+            f"{merge.get('n_prompts')} held-out test prompts ({merge.get('n_positions')} positions) "
+            f"the merged model's logits vs the 4-bit base + adapter: max |diff| "
+            f"{_fmt(merge.get('max_abs_logit_diff'))} (tolerance {_fmt(tol.get('max_abs_logit_diff'))}), "
+            f"mean |diff| {_fmt(merge.get('mean_abs_logit_diff'))}, top-1 agreement "
+            f"{_fmt(merge.get('top1_agreement'))} (minimum {_fmt(tol.get('min_top1_agreement'))}): "
+            f"**{'passed' if merge.get('passed') else 'FAILED'}**.")
+    alt = merge.get("alternative")
+    if alt:
+        text += (f"\n\nFor comparison, merging into the **{alt['into']}** weights instead gives max "
+                 f"|diff| {_fmt(alt['max_abs_logit_diff'])}, mean {_fmt(alt['mean_abs_logit_diff'])}, "
+                 f"top-1 agreement {_fmt(alt['top1_agreement'])}: the adapter was trained against "
+                 "the NF4-dequantized weights, so merging into the original ones shifts behaviour.")
+    if merge.get("requantized"):
+        req = merge["requantized"]
+        text += (f"\n\nRe-quantized to 4-bit for serving (informational): max |diff| "
+                 f"{_fmt(req['max_abs_logit_diff'])}, top-1 agreement {_fmt(req['top1_agreement'])}.")
+    return text
+
+
+LOADING = """```python
+# Run from the project root (or a folder holding the base at `base_model_name_or_path`).
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
+
+package = "{package}"
+config = PeftConfig.from_pretrained(package)
+model = AutoModelForCausalLM.from_pretrained(
+    config.base_model_name_or_path,
+    quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="{quant_type}",
+        bnb_4bit_use_double_quant={double_quant}, bnb_4bit_compute_dtype=torch.{compute}),
+)
+model = PeftModel.from_pretrained(model, package)
+tokenizer = AutoTokenizer.from_pretrained(package)
+prompt = "### Instruction:\\nWhat is the first-line treatment of hypertension?\\n\\n### Response:\\n"
+inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+out = model.generate(**inputs, generation_config=GenerationConfig.from_pretrained(package))
+print(tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+```"""
+
+
+def _front_matter(card: Card) -> str:
+    tags = ["medical", "qlora", "lora", "peft", "medqlora"]
+    lines = ["---", f"license: {card.license}", f"base_model: {card.base}", "library_name: peft",
+             "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags] + ["---"]
+    return "\n".join(lines)
+
+
+def _loading(card: Card) -> str:
+    quant = card.adapter_meta.get("params", {}).get("quantization", {})
+    compute = (card.adapter_meta.get("precision") or {}).get(
+        "compute_dtype", quant.get("bnb_4bit_compute_dtype", "bfloat16"))
+    return LOADING.format(package="artifacts/package",
+                          quant_type=quant.get("bnb_4bit_quant_type", "nf4"),
+                          double_quant=bool(quant.get("bnb_4bit_use_double_quant", True)),
+                          compute=compute)
+
+
+def _data(card: Card) -> str:
+    source = card.metrics.get("prepare") or card.data_meta
+    rows = [(k, v) for k, v in _scalars(source) if not isinstance(v, str) or len(v) < 80]
+    return _table(rows[:40])
+
+
+def _params(card: Card) -> str:
+    params = card.adapter_meta.get("params", {})
+    rows = _scalars({k: params.get(k) for k in ("seed", "model", "quantization", "lora", "train")})
+    return _table([(k, json.dumps(v) if isinstance(v, (list, tuple)) else v) for k, v in rows])
+
+
+def render(card: Card) -> str:
+    """The model card's Markdown (Hugging Face front matter on top)."""
+    base_rev = (card.adapter_meta.get("base") or {}).get("revision")
+    images = "\n\n".join(f"![{Path(i).stem.replace('_', ' ')}]({i})" for i in card.images)
+    merged = ("`merged/` holds the adapter merged into the base (plain transformers weights, "
+              "no peft needed)." if card.include_merged else "No merged weights are included.")
+    sections = [
+        _front_matter(card),
+        f"# {card.name}",
+        f"A LoRA adapter trained with QLoRA (4-bit NF4 base) on medical instruction data, for "
+        f"the base model `{card.base}`" + (f" at revision `{base_rev}`." if base_rev else ".")
+        + f" Built by medqlora. {merged}",
+        "## Intended use\n\nResearch and education: drafting answers to medical-knowledge "
+        "questions, summarising lab-value patterns, and multiple-choice practice, always read by "
+        "a qualified person. A starting point for further evaluation in a specific setting.",
+        "## Out of scope\n\n- **Not a medical device.** Not cleared or approved for clinical "
+        "use by any regulator.\n- **No diagnosis, triage or treatment decision without clinician "
+        "review.** Outputs can be wrong, outdated or confidently fabricated.\n- Patient-facing "
+        "advice, emergencies, dosing for individual patients.\n- Any use on identifiable "
+        "patient data without the governance that use requires.",
+        "## Training data\n\n" + _data(card),
+        "## Training parameters\n\n" + _params(card),
+        "## Training results\n\n" + _table(_scalars(card.metrics.get("train"))),
+        "## Evaluation\n\n" + _evaluation(card.metrics.get("evaluate")),
+        "## Merge parity\n\n" + _parity(card.metrics.get("merge")),
+        "## Charts\n\n" + (images or "_No charts: training or evaluation history missing._"),
+        "## Generation settings\n\n`generation_config.json`: " + ", ".join(
+            f"{k}={_fmt(v)}" for k, v in sorted(card.generation.items())),
+        "## Limitations\n\n- Scores come from a small held-out split of the training "
+        "distribution; they say little about real clinical text.\n- The base model's biases "
+        "and knowledge cut-off carry over; the adapter adds no retrieval or citation.\n"
+        "- Multilingual coverage is only what the training data held.\n- 4-bit quantization "
+        "and merging change outputs slightly; the parity figures above bound that on the "
+        "test prompts only.",
+        "## How to load\n\nWith transformers and peft only:\n\n" + _loading(card)
+        + "\n\nOr `medqlora generate --package artifacts/package --prompt \"...\"`.",
+        "## Integrity\n\n`manifest.json` lists the sha256 and size of every file and the "
+        "lineage (git commit, dvc.lock hashes, base, library versions). Check a copy with "
+        "`medqlora verify <folder>`.",
+    ]
+    return "\n\n".join(sections) + "\n"
