@@ -77,7 +77,7 @@ def _line_of(data: bytes | str, offset: int) -> int:
     return data.count(newline, 0, offset) + 1
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     """(line, object-or-_Invalid) for each non-blank line."""
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not raw.strip():
@@ -94,18 +94,18 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, _Invalid("invalid_json", f"broken JSON ({err.msg} at column {err.colno})")
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_json(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     """A JSON list: each element with the line it starts on."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError([f"{path}:{_line_of(data, err.start)}: not UTF-8 text; re-encode the "
+        raise DataError([f"{shown}:{_line_of(data, err.start)}: not UTF-8 text; re-encode the "
                          "file as UTF-8 (a JSON file is read whole)"]) from None
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text[pos:pos + 1] == "[":
-        raise DataError([f"{path}:{_line_of(text, pos)}: a .json source must be a list of "
+        raise DataError([f"{shown}:{_line_of(text, pos)}: a .json source must be a list of "
                          "records (use .jsonl for one record per line)"])
     pos += 1
     while True:
@@ -116,13 +116,13 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataError([f"{path}:{err.lineno}: broken JSON ({err.msg} at column "
+            raise DataError([f"{shown}:{err.lineno}: broken JSON ({err.msg} at column "
                              f"{err.colno}); the records after it cannot be read"]) from None
         yield _line_of(text, pos), obj
         pos = end
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_csv(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     """Rows as dicts of non-empty cells (an empty cell is an absent optional field)."""
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -154,12 +154,12 @@ def _csv_value(cell: str) -> Any:
     return cell
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_parquet(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
-        raise DataError([f"{path}: unreadable Parquet ({type(err).__name__})"]) from None
+        raise DataError([f"{shown}: unreadable Parquet ({type(err).__name__})"]) from None
     for index, row in enumerate(rows):
         yield index + 1, {k: v for k, v in row.items() if v is not None}
 
@@ -294,5 +294,5 @@ def read_records(source: Source, root: str | Path = ".") -> Iterator[Example | R
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError([f"{source.path}: file not found (data.sources path)"])
-    for line, obj in READERS[suffix](path):
+    for line, obj in READERS[suffix](path, source.path):
         yield to_example(obj, source.format, source.fields, where(source.path, line))
