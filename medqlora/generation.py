@@ -1,0 +1,111 @@
+"""Batched generation with the `evaluate` settings: left padding, stop at eos, seeded.
+
+    settings = GenerationSettings.from_params(params.evaluate, params.seed)
+    texts = generate_from_ids(model, tokenizer, prompt_ids, settings)
+
+Decoder-only models continue from the last position of each row, so prompts are padded on
+the *left*: with right padding a short prompt would continue after its pad tokens. Greedy
+decoding (do_sample false, the default) gives the same text on every run; temperature and
+top_p are passed only when sampling, so no "unused flag" warnings and no silent effect.
+Used by the evaluate stage and by `medqlora generate`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from medqlora.config import EvaluateParams
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How outputs are generated (recorded in metrics/evaluate.json under "generation")."""
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, evaluate: EvaluateParams, seed: int) -> "GenerationSettings":
+        return cls(evaluate.max_new_tokens, evaluate.do_sample, evaluate.temperature,
+                   evaluate.top_p, evaluate.batch_size, seed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that shaped the outputs; temperature/top_p only when sampling."""
+        out = asdict(self)
+        out["decoding"] = "sample" if self.do_sample else "greedy"
+        if not self.do_sample:
+            del out["temperature"], out["top_p"]
+        return out
+
+
+def generation_config(settings: GenerationSettings, tokenizer):
+    """A GenerationConfig built from scratch, so the base's own defaults don't leak in."""
+    from transformers import GenerationConfig
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "use_cache": True,  # load_base turns the cache off for training; decoding wants it
+    }
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    return GenerationConfig(**kwargs)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each row right-aligned: [pad pad 5 6 7] / [0 0 1 1 1]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, width - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def _until_eos(tokens: torch.Tensor, eos_id: int | None) -> list[int]:
+    """New tokens up to (not including) the first eos; generate pads finished rows after it."""
+    out = tokens.tolist()
+    if eos_id is not None and eos_id in out:
+        out = out[:out.index(eos_id)]
+    return out
+
+
+@torch.no_grad()
+def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                      settings: GenerationSettings) -> list[str]:
+    """Decoded continuations (special tokens dropped, stripped) of tokenised prompts.
+
+    Prompts are batched by length (longest first) to waste less compute on padding, and the
+    outputs are returned in the input order. The seed is set once per call, so the base and
+    the adapter are sampled from the same random state.
+    """
+    from transformers import set_seed
+    set_seed(settings.seed)
+    config = generation_config(settings, tokenizer)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    texts: list[str] = [""] * len(prompt_ids)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start:start + settings.batch_size]
+        ids, mask = left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=config)
+        for row, i in enumerate(batch):
+            new = _until_eos(out[row, ids.shape[1]:], tokenizer.eos_token_id)
+            texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return texts
+
+
+def generate_from_text(model, tokenizer, prompts: Sequence[str],
+                       settings: GenerationSettings) -> list[str]:
+    """Like generate_from_ids for already templated prompt strings (templates.format_prompt)."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    return generate_from_ids(model, tokenizer, ids, settings)

@@ -1,0 +1,206 @@
+"""The evaluate stage on a tiny fixture: a LoRA adapter on the tiny 4-bit base, 7 test rows."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, write_params
+from medqlora import evaluation, generation, modeling
+from medqlora.config import build_params
+from medqlora.templates import format_prompt
+
+# (id, kind, label, user text, reference); ids sort as listed, "g-..." is cut by max_examples=6
+ROWS = [
+    ("a-qa", "qa", None, "What is anemia?", "A low hemoglobin level."),
+    ("b-lab", "lab", "anemia", "Analyse: Hemoglobin 8.1 g/dL (ref 12-16)",
+     "Hemoglobin is low.\nFinding: anemia"),
+    ("c-mcq", "mcq", "B", "Which ion sets osmolality? A) Ca B) Na C) K D) Mg", "Answer: B"),
+    ("d-lab", "lab", "hyperkalemia", "Analysez : Potassium 6.6 mmol/L (N 3.5-5.0)",
+     "Potassium élevé.\nConclusion : hyperkaliémie"),
+    ("e-qa", "qa", None, "Qu'est-ce que l'anaphylaxie ?", "Une réaction allergique sévère."),
+    ("f-mcq", "mcq", "A", "First-line DVT treatment? A) anticoagulation B) surgery", "Réponse : A"),
+    ("g-qa", "qa", None, "What does the kidney do?", "It filters blood."),
+]
+MAX_EXAMPLES = 6
+
+
+def _params(base: str, **evaluate):
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    doc["model"]["base"] = base
+    doc["evaluate"].update({"max_examples": MAX_EXAMPLES, "max_new_tokens": 6,
+                            "batch_size": 4, "bootstrap_samples": 200, **evaluate})
+    return build_params(doc)
+
+
+def write_test_parquet(data_dir: Path, tokenizer) -> Path:
+    """test.parquet following the prepared-data contract (prompt masked with -100)."""
+    import pandas as pd
+    records = []
+    for rid, kind, label, text, ref in reversed(ROWS):  # stored out of order on purpose
+        prompt = format_prompt(tokenizer, text)
+        p_ids = tokenizer(prompt)["input_ids"]
+        a_ids = tokenizer(ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        records.append({"id": rid, "source": f"fixture:{rid}", "kind": kind, "lang": "en",
+                        "prompt": prompt, "reference": ref, "label": label,
+                        "options": json.dumps({"A": "x", "B": "y"}) if kind == "mcq" else None,
+                        "input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids,
+                        "length": len(p_ids) + len(a_ids)})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(records).to_parquet(data_dir / "test.parquet")
+    return data_dir
+
+
+def write_adapter(out: Path, base: str, perturb: bool) -> Path:
+    """An adapter folder as train writes it; perturb=False keeps LoRA B = 0 (adapter == base)."""
+    from peft import get_peft_model
+    params = _params(base)
+    precision = modeling.resolve_precision(params.quantization, "no")
+    torch.manual_seed(0)
+    model = get_peft_model(modeling.load_base(params.model, params.quantization, precision),
+                           modeling.lora_config(params.lora))
+    if perturb:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    model.save_pretrained(str(out))
+    modeling.load_tokenizer(params.model).save_pretrained(str(out))
+    meta = {"stage": "train",
+            "params": params.section("seed", "model", "quantization", "lora", "train"),
+            "inputs": {}, "precision": {"device": "cpu", "compute_dtype": "bfloat16",
+                                        "bf16": True, "fp16": False, "notes": []},
+            "base": {"id": base, "revision": None, "sha256": None}}
+    (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture_dirs(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    tokenizer = modeling.load_tokenizer(_params(str(tiny_model)).model)
+    data = write_test_parquet(tmp / "prepared", tokenizer)
+    zero = write_adapter(tmp / "adapter-zero", str(tiny_model), perturb=False)
+    moved = write_adapter(tmp / "adapter-moved", str(tiny_model), perturb=True)
+    return {"tmp": tmp, "data": data, "zero": zero, "moved": moved, "base": str(tiny_model)}
+
+
+def test_load_test_is_first_n_by_id(fixture_dirs):
+    rows = evaluation.load_test(fixture_dirs["data"], MAX_EXAMPLES)
+    assert [r["id"] for r in rows] == [r[0] for r in ROWS[:MAX_EXAMPLES]]
+    assert rows[0]["label"] is None and rows[1]["label"] == "anemia"
+    prompt = evaluation.prompt_ids(rows[1])
+    assert prompt == rows[1]["input_ids"][:len(prompt)]
+    assert rows[1]["labels"][len(prompt)] != -100 and rows[1]["labels"][len(prompt) - 1] == -100
+
+
+def test_left_pad_right_aligns_rows():
+    ids, mask = generation.left_pad([[5, 6, 7], [9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_answer_nll_matches_the_models_own_loss(fixture_dirs):
+    """Batched, padded NLL over answer tokens == HF's mean loss per row (answer tokens only)."""
+    model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
+    rows = evaluation.load_test(fixture_dirs["data"])
+    batched = evaluation.answer_nll(model, rows, batch_size=4, pad_id=tokenizer.pad_token_id)
+    for row, (nll, count) in zip(rows, batched):
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=torch.tensor([row["labels"]])).loss.item()
+        assert count == sum(t != -100 for t in row["labels"])
+        assert nll / count == pytest.approx(loss, rel=1e-3, abs=1e-3)
+
+
+def test_greedy_generation_is_deterministic(fixture_dirs):
+    model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
+    rows = evaluation.load_test(fixture_dirs["data"])
+    settings = generation.GenerationSettings(5, False, 0.7, 1.0, 3, 42)
+    prompts = [evaluation.prompt_ids(r) for r in rows]
+    first = generation.generate_from_ids(model, tokenizer, prompts, settings)
+    assert len(first) == len(rows) and all(isinstance(t, str) for t in first)
+    assert generation.generate_from_ids(model, tokenizer, prompts, settings) == first
+    # one prompt alone (no padding) decodes like it did inside the padded batch
+    alone = generation.generate_from_ids(model, tokenizer, prompts[:1],
+                                         generation.GenerationSettings(5, False, 0.7, 1.0, 1, 42))
+    assert alone == first[:1]
+    assert settings.as_dict() == {"max_new_tokens": 5, "do_sample": False, "batch_size": 3,
+                                  "seed": 42, "decoding": "greedy"}
+
+
+def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
+    """LoRA B = 0: the adapter computes exactly the base, so every delta is 0."""
+    tmp = fixture_dirs["tmp"] / "run-zero"
+    params = _params(fixture_dirs["base"])
+    result = evaluation.evaluate(params, fixture_dirs["data"], fixture_dirs["zero"],
+                                 tmp / "predictions", tmp / "metrics" / "evaluate.json")
+    assert json.loads((tmp / "metrics" / "evaluate.json").read_text()) == result
+    assert set(result) == {"n", "n_diagnostic", "n_answer_tokens", "base", "adapter", "delta",
+                           "generation"}
+    assert result["n"] == MAX_EXAMPLES and result["n_diagnostic"] == 4
+    keys = {"perplexity", "bleu", "bleu_ci95", "rouge_l", "diagnostic_accuracy",
+            "diagnostic_accuracy_ci95", "parse_failure_rate"}
+    for name in ("base", "adapter"):
+        block = result[name]
+        assert set(block) == keys
+        assert 1.0 < block["perplexity"] < 4096 * 2  # a barely trained 4096-token model
+        lo, hi = block["bleu_ci95"]
+        assert 0.0 <= lo <= hi <= 100.0
+        lo, hi = block["diagnostic_accuracy_ci95"]
+        assert 0.0 <= lo <= block["diagnostic_accuracy"] <= hi <= 1.0
+        assert 0.0 <= block["parse_failure_rate"] <= 1.0
+    assert result["base"] == result["adapter"]
+    assert result["delta"] == {k: 0.0 for k in evaluation.SCALARS}
+    assert result["generation"]["max_new_tokens"] == 6
+    assert result["generation"]["decoding"] == "greedy"
+
+    lines = (tmp / "predictions" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    preds = [json.loads(line) for line in lines]
+    assert len(preds) == result["n"]
+    assert [p["id"] for p in preds] == [r[0] for r in ROWS[:MAX_EXAMPLES]]
+    for pred in preds:
+        assert pred["base_output"] == pred["adapter_output"]
+        assert set(pred["adapter_scores"]) == {"bleu", "rouge_l", "parsed", "correct",
+                                               "perplexity"}
+        assert (pred["adapter_scores"]["correct"] is None) == (pred["kind"] == "qa")
+    meta = json.loads((tmp / "predictions" / "meta.json").read_text())
+    assert meta["stage"] == "evaluate" and meta["n"] == MAX_EXAMPLES
+    assert meta["quantization"]["load_in_4bit"] is True
+    assert set(meta["inputs"]) == {"test", "adapter"}
+
+
+def test_evaluate_without_base_through_the_stage_entrypoint(fixture_dirs, monkeypatch):
+    """stages/evaluate.py with compare_base false: base and delta are null, adapter moved."""
+    import importlib.util
+    tmp = fixture_dirs["tmp"] / "run-stage"
+    tmp.mkdir()
+    params_path = write_params(tmp / "params.yaml", {
+        "evaluate.compare_base": False, "evaluate.max_examples": 3,
+        "evaluate.max_new_tokens": 4, "evaluate.bootstrap_samples": 100})
+    spec = importlib.util.spec_from_file_location("evaluate_stage", ROOT / "stages/evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(ROOT)  # params validation resolves data.sources from the project root
+    assert module.main(["--params", str(params_path), "--data", str(fixture_dirs["data"]),
+                        "--adapter", str(fixture_dirs["moved"]),
+                        "--predictions", str(tmp / "predictions"),
+                        "--metrics", str(tmp / "evaluate.json")]) == 0
+    result = json.loads((tmp / "evaluate.json").read_text())
+    assert result["n"] == 3 and result["base"] is None and result["delta"] is None
+    assert math.isfinite(result["adapter"]["perplexity"])
+    preds = (tmp / "predictions" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 3
+    assert all(json.loads(p)["base_output"] is None for p in preds)
+
+
+def test_compare_perplexity_sees_the_adapter(fixture_dirs):
+    zero = evaluation.compare_perplexity(fixture_dirs["data"], fixture_dirs["zero"])
+    assert zero["base"] == zero["adapter"]
+    moved = evaluation.compare_perplexity(fixture_dirs["data"], fixture_dirs["moved"])
+    assert moved["base"] == pytest.approx(zero["base"])
+    assert moved["adapter"] != pytest.approx(moved["base"], rel=1e-3)
