@@ -1,6 +1,9 @@
 """The `medqlora` command: validate params, and (later issues) verify and run packages.
 
     medqlora validate [PATH]      exit 0 when valid, 2 with one `key.path: problem` per line
+    medqlora verify DIR           exit 0 when a package matches its manifest, 1 naming each
+                                  missing, extra or altered file
+    medqlora generate --package DIR (--prompt TEXT | --file JSONL) [--merged] [--stats]
 """
 from __future__ import annotations
 
@@ -27,12 +30,60 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every file of a package against its manifest; name each problem."""
+    from medqlora.packaging import verify
+    problems = verify(args.dir)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{args.dir}: FAILED verification ({len(problems)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: verified")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Answer prompts with a verified package (4-bit base + adapter, or the merged weights)."""
+    from medqlora.packaging import generate, read_prompts, verify
+    problems = verify(args.package)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.package}: fails `medqlora verify`; refusing to load it", file=sys.stderr)
+        return 1
+    try:
+        texts = read_prompts(args.prompt, args.file)
+    except (OSError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return EXIT_INVALID
+    result = generate(args.package, texts, merged=args.merged)
+    for answer in result["answers"]:
+        print(answer)
+    if args.stats:
+        print(f"{result['new_tokens']} new tokens in {result['seconds']:.2f} s: "
+              f"{result['tokens_per_second']:.1f} tokens/s on {result['device']}; peak memory "
+              f"{result['peak_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medqlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     validate = sub.add_parser("validate", help="check a params file against the schema")
     validate.add_argument("path", nargs="?", default="params.yaml")
     validate.set_defaults(func=cmd_validate)
+    verify = sub.add_parser("verify", help="check a package's files against its manifest.json")
+    verify.add_argument("dir", help="package folder (e.g. artifacts/package)")
+    verify.set_defaults(func=cmd_verify)
+    gen = sub.add_parser("generate", help="answer prompts with a verified package")
+    gen.add_argument("--package", required=True, help="package folder (e.g. artifacts/package)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one user question (templated like training)")
+    source.add_argument("--file", help='JSONL file, one {"prompt": ...} per line')
+    gen.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
+    gen.add_argument("--stats", action="store_true", help="print tokens/s and peak memory")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

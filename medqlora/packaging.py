@@ -206,12 +206,20 @@ def write_generation_config(out: Path, params: Params, evaluate_metrics: dict | 
     return settings.as_dict()
 
 
+def prompt_format(data_meta: dict | None) -> dict[str, Any]:
+    """How prepare templated prompts (template name, system text), so generate does the same."""
+    data = (data_meta or {}).get("params", {}).get("data", {})
+    return {"template": (data_meta or {}).get("template"),
+            "system": data.get("system_prompt") or ""}
+
+
 def _optional_json(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
 def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Path,
-                  metrics_dir: str | Path, plots_dir: str | Path, out_dir: str | Path) -> dict:
+                  metrics_dir: str | Path, plots_dir: str | Path, out_dir: str | Path,
+                  data_meta_path: str | Path = "data/prepared/meta.json") -> dict:
     """Write artifacts/package atomically; return its manifest."""
     from transformers import AutoTokenizer
     from medqlora import modelcard
@@ -221,6 +229,7 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
                for name in ("prepare", "train", "evaluate", "merge")}
     merged_meta = (check_merged(merged_dir, adapter_dir, metrics["merge"])
                    if params.package.include_merged else None)
+    data_meta = _optional_json(Path(data_meta_path))
     model = adapter_meta.get("params", {}).get("model", {})
     base = portable_base(model.get("base") or adapter_meta["base"]["id"])
     with atomic_dir(out_dir) as tmp:
@@ -234,13 +243,14 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
                               base=base, adapter_meta=adapter_meta, metrics=metrics,
                               generation=generation, images=images,
                               include_merged=merged_meta is not None,
-                              data_meta=_optional_json(Path("data/prepared/meta.json")))
+                              data_meta=data_meta)
         (tmp / "README.md").write_text(modelcard.render(card), encoding="utf-8")
         write_meta(tmp, stage="package",
                    params=params.section("package") | {"generation": generation},
                    inputs={"adapter": adapter_dir,
                            **({"merged": merged_dir} if merged_meta is not None else {})},
-                   extra={"adapter": adapter_meta, "merged": merged_meta})
+                   extra={"adapter": adapter_meta, "merged": merged_meta,
+                          "prompt": prompt_format(data_meta)})
         manifest = write_manifest(tmp, lineage(params, adapter_meta, merged_meta))
     log.info("package %s: %d files, verified by `medqlora verify %s`", out_dir,
              len(manifest["files"]), out_dir)
@@ -252,3 +262,89 @@ def package_settings(package_dir: str | Path):
     from medqlora.modeling import settings_from_meta
     meta = read_json(Path(package_dir) / "meta.json")
     return settings_from_meta(meta["adapter"])
+
+
+# ---------------------------------------------------------------- generate
+
+def load_for_generation(package_dir: str | Path, merged: bool = False):
+    """(model, tokenizer) of a package: the 4-bit base + adapter, or the merged weights.
+
+    The base is the adapter_config's base_model_name_or_path (as the reference loading code
+    resolves it), loaded with the quantization and compute dtype recorded at training.
+    """
+    import dataclasses
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from medqlora import modeling
+    package_dir = Path(package_dir)
+    model_params, quant, precision = package_settings(package_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(package_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if merged:
+        if not (package_dir / "merged" / "config.json").is_file():
+            raise FileNotFoundError(f"{package_dir}/merged is missing: the package was built with "
+                                    "package.include_merged: false (drop --merged)")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(package_dir / "merged"), dtype=precision.compute_dtype,
+            device_map={"": 0} if precision.device == "cuda" else {"": "cpu"})
+    else:
+        base = read_json(package_dir / "adapter_config.json")["base_model_name_or_path"]
+        model_params = dataclasses.replace(model_params, base=base)
+        model = modeling.load_adapter(modeling.load_base(model_params, quant, precision),
+                                      package_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def read_prompts(prompt: str | None, file: str | Path | None) -> list[str]:
+    """User texts from --prompt, or from a JSONL file ("prompt", "question" or "instruction"
+    [+ "input"] per line)."""
+    if prompt is not None:
+        return [prompt]
+    texts = []
+    for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{number}: not JSON ({err.msg})") from None
+        rec = rec if isinstance(rec, dict) else {}
+        text = rec.get("prompt") or rec.get("question") or rec.get("instruction")
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{file}:{number}: needs a \"prompt\" (or \"question\", "
+                             "\"instruction\") text field")
+        if rec.get("instruction") and rec.get("input"):
+            text = f"{text}\n\n{rec['input']}"
+        texts.append(text)
+    return texts
+
+
+def generate(package_dir: str | Path, texts: list[str], merged: bool = False) -> dict[str, Any]:
+    """Answers to `texts` with the package's generation settings, plus speed and memory."""
+    import resource
+    import time
+    import torch
+    from transformers import GenerationConfig
+    from medqlora.templates import format_prompt
+    package_dir = Path(package_dir)
+    model, tokenizer = load_for_generation(package_dir, merged)
+    system = read_json(package_dir / "meta.json").get("prompt", {}).get("system", "")
+    config = GenerationConfig.from_pretrained(str(package_dir))
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    answers, new_tokens, start = [], 0, time.perf_counter()
+    for text in texts:
+        ids = tokenizer(format_prompt(tokenizer, text, system), return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**ids, generation_config=config)
+        tail = out[0, ids.input_ids.shape[1]:]
+        new_tokens += int(tail.shape[0])
+        answers.append(tokenizer.decode(tail, skip_special_tokens=True).strip())
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    return {"answers": answers, "new_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_second": new_tokens / seconds if seconds else 0.0,
+            "peak_memory_bytes": int(peak), "device": device.type}
