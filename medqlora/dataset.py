@@ -268,6 +268,8 @@ def fit(prompt_ids: list[int], answer_ids: list[int], max_len: int,
 def build_rows(examples: list[Example], split: str, tokenizer, data: DataParams,
                counts: Counter) -> list[dict[str, Any]]:
     """Contract rows for one split; counts `truncated` and `dropped_overlength`."""
+    if not examples:
+        return []
     prompts = [format_messages(tokenizer, e.messages[:-1] + [{"role": "user",
                                                               "content": user_text(e)}],
                                data.system_prompt) for e in examples]

@@ -1,0 +1,338 @@
+"""The prepare stage end to end on small fixtures: validation modes, counts, split, masks, PHI,
+packing. Runs the real entrypoint (in-process, or as a subprocess where exit code and printed
+output matter) with the tiny model's tokenizer, or a small one built offline when it is absent."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, TINY_MODEL, write_params
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import make_tokenizer  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QA = '{{"id": "{id}", "instruction": "{q}", "input": "", "output": "{a}", "lang": "en"}}'
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    if (TINY_MODEL / "tokenizer_config.json").is_file():
+        return TINY_MODEL
+    return make_tokenizer.build(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _stage():
+    spec = importlib.util.spec_from_file_location("prepare_stage", ROOT / "stages" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def workspace(tmp_path: Path, files: dict[str, bytes | str], sources: list[dict],
+              tokenizer_dir: Path, **data) -> Path:
+    """tmp_path with data/raw/<files> and a params.yaml reading them."""
+    for name, content in files.items():
+        path = tmp_path / "data" / "raw" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    overrides = {"data.sources": sources, "model.base": str(tokenizer_dir),
+                 "data.max_seq_length": 128, "data.val_fraction": 0.25,
+                 "data.test_fraction": 0.25, "data.on_invalid": "error", "data.phi": "error"}
+    overrides.update({f"data.{k}": v for k, v in data.items()})
+    write_params(tmp_path / "params.yaml", overrides)
+    return tmp_path
+
+
+def prepare(ws: Path, monkeypatch) -> int:
+    monkeypatch.chdir(ws)
+    return _stage().main(["--params", "params.yaml", "--out", "data/prepared",
+                          "--metrics", "metrics/prepare.json"])
+
+
+def rows(ws: Path, split: str) -> list[dict]:
+    return pq.read_table(ws / "data" / "prepared" / f"{split}.parquet").to_pylist()
+
+
+def all_rows(ws: Path) -> dict[str, list[dict]]:
+    return {split: rows(ws, split) for split in ("train", "val", "test")}
+
+
+def qa_lines(n: int, start: int = 0) -> list[str]:
+    return [QA.format(id=f"qa-{i}", q=f"Question number {i} about the kidney?",
+                      a=f"Answer {i}: the kidney filters blood.") for i in range(start, start + n)]
+
+
+# ------------------------------------------------------------------ invalid records
+
+LONG = " ".join(["filtration"] * 600)
+BAD = [  # line numbers matter: the assertions name them
+    QA.format(id="a1", q="What is anaemia?", a="A low haemoglobin concentration.").encode(),
+    b'{"id": "a2", "instruction": "broken", "output": ',
+    '{"id": "a3", "instruction": "caf\u00e9", "output": "x"}'.encode("latin-1"),
+    b'{"id": "a4", "instruction": "What is missing?"}',
+    b'{"id": "a5", "instruction": "What is empty?", "output": "   "}',
+    b'{"id": "a6", "instruction": "What is typed?", "output": 42}',
+    QA.format(id="a7", q="What is anaemia?", a="A low haemoglobin concentration.").encode(),
+    QA.format(id="a8", q="What  is   anaemia? ", a="A low\\thaemoglobin concentration.").encode(),
+    QA.format(id="a9", q="Describe the nephron.", a=LONG).encode(),
+    b'{"id": "a10", "instruction": "Interpret:", "input": "Hb: 8.1 g/dL (ref: 12-16)", '
+    b'"output": "Low haemoglobin: anaemia.", "label": "anemia", "lang": "en"}',
+]
+MCQ = ['{"id": "m1", "question": "Main extracellular cation?", "options": {"A": "K", "B": "Na"}, '
+       '"answer": "B", "explanation": "Sodium.", "lang": "en"}',
+       '{"id": "m2", "question": "Pick?", "options": {"A": "x", "B": "y"}, "answer": "E"}']
+SOURCES = [{"path": "data/raw/bad.jsonl", "format": "alpaca"},
+           {"path": "data/raw/mcq.jsonl", "format": "mcq"}]
+EXPECTED_REJECTS = {"invalid_json": 1, "not_utf8": 1, "missing_field": 1, "empty_field": 1,
+                    "wrong_type": 1, "invalid_answer": 1}
+
+
+def bad_workspace(tmp_path, tokenizer_dir, **data):
+    return workspace(tmp_path, {"bad.jsonl": b"\n".join(BAD) + b"\n",
+                                "mcq.jsonl": "\n".join(MCQ) + "\n"}, SOURCES, tokenizer_dir, **data)
+
+
+def test_on_invalid_error_lists_every_bad_record_and_writes_nothing(
+        tmp_path, tokenizer_dir, monkeypatch, capfd):
+    ws = bad_workspace(tmp_path, tokenizer_dir)
+    assert prepare(ws, monkeypatch) == 1
+    err = capfd.readouterr().err
+    for line in ["data/raw/bad.jsonl:2: broken JSON",
+                 "data/raw/bad.jsonl:3: not UTF-8 text",
+                 "data/raw/bad.jsonl:4: output is missing",
+                 "data/raw/bad.jsonl:5: output is empty",
+                 "data/raw/bad.jsonl:6: output must be text, got a number",
+                 "data/raw/mcq.jsonl:2: answer must be one of the option letters A, B (got 'E')"]:
+        assert line in err
+    assert sum(":" in ln and ln.startswith("data/raw/") for ln in err.splitlines()) == 6
+    assert not (ws / "data" / "prepared").exists()
+    assert not (ws / "metrics").exists()
+    assert sorted(p.name for p in (ws / "data").iterdir()) == ["raw"]  # no temp folder left
+
+
+def test_max_errors_reported_caps_the_list(tmp_path, tokenizer_dir, monkeypatch, capfd):
+    ws = bad_workspace(tmp_path, tokenizer_dir, max_errors_reported=2)
+    assert prepare(ws, monkeypatch) == 1
+    err = capfd.readouterr().err
+    assert "data/raw/bad.jsonl:3" in err and "data/raw/bad.jsonl:4" not in err
+    assert "... and 4 more" in err
+
+
+def test_on_invalid_skip_counts_equal_the_rejects_file(tmp_path, tokenizer_dir, monkeypatch):
+    ws = bad_workspace(tmp_path, tokenizer_dir, on_invalid="skip")
+    assert prepare(ws, monkeypatch) == 0
+    metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
+    rejects = [json.loads(line) for line in
+               (ws / "data" / "prepared" / "rejects.jsonl").read_text().splitlines()]
+    assert Counter(r["reason"] for r in rejects) == metrics["rejected_by_reason"] == EXPECTED_REJECTS
+    assert [r["source"] for r in rejects] == [f"data/raw/bad.jsonl:{i}" for i in range(2, 7)] + [
+        "data/raw/mcq.jsonl:2"]
+    assert all(set(r) == {"source", "reason", "message"} for r in rejects)
+    assert "caf" not in json.dumps(rejects) and "What is typed" not in json.dumps(rejects)
+    assert (metrics["records_in"], metrics["rejected"]) == (12, 6)
+    assert (metrics["duplicates"], metrics["duplicates_exact"], metrics["duplicates_normalised"]) == (2, 1, 1)
+    assert (metrics["truncated"], metrics["dropped_overlength"], metrics["leakage"]) == (1, 0, 0)
+    assert sum(metrics["splits"].values()) == 12 - 6 - 2
+    kept = {r["record_id"]: r for split in all_rows(ws).values() for r in split}
+    assert sorted(kept) == ["a1", "a10", "a9", "m1"]  # first occurrence of a duplicate wins
+    assert kept["a9"]["length"] == 128 and metrics["length"]["max"] == 128
+    assert (kept["a10"]["kind"], kept["a10"]["label"]) == ("lab", "anemia")
+    meta = json.loads((ws / "data" / "prepared" / "meta.json").read_text())
+    assert set(meta["inputs"]) == {"data/raw/bad.jsonl", "data/raw/mcq.jsonl"}
+    assert meta["counts"]["splits"] == metrics["splits"] and meta["max_seq_length"] == 128
+
+
+def test_overlength_drop_is_counted(tmp_path, tokenizer_dir, monkeypatch):
+    ws = bad_workspace(tmp_path, tokenizer_dir, on_invalid="skip", overlength="drop")
+    assert prepare(ws, monkeypatch) == 0
+    metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
+    assert (metrics["truncated"], metrics["dropped_overlength"]) == (0, 1)
+    assert sum(metrics["splits"].values()) == 3
+
+
+# ------------------------------------------------------------------ split
+
+def test_exact_split_of_a_small_fixture(tmp_path, tokenizer_dir, monkeypatch):
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir)
+    assert prepare(ws, monkeypatch) == 0
+    got = {s: sorted((r["record_id"] for r in split), key=lambda i: int(i[3:]))
+           for s, split in all_rows(ws).items()}
+    assert got == EXPECTED_SPLIT
+    # the documented rule, re-computed here: sha256("user: " + prompt) / 2^256
+    for split, ids in got.items():
+        for rid in ids:
+            b = int(hashlib.sha256(f"user: Question number {rid[3:]} about the kidney?"
+                                   .encode()).hexdigest(), 16) / 2 ** 256
+            assert split == ("test" if b < 0.25 else "val" if b < 0.5 else "train")
+
+
+# buckets: qa-0 .016, 1 .283, 2 .134, 3 .128, 4 .146, 5 .198, 6 .517, 7 .786, 8 .907, 9 .510,
+# 10 .005, 11 .079 (12 records are few: 7 of them fall below 0.25)
+EXPECTED_SPLIT = {"train": ["qa-6", "qa-7", "qa-8", "qa-9"], "val": ["qa-1"],
+                  "test": ["qa-0", "qa-2", "qa-3", "qa-4", "qa-5", "qa-10", "qa-11"]}
+
+
+def test_adding_and_removing_records_moves_no_other_record(tmp_path, tokenizer_dir, monkeypatch):
+    lines = qa_lines(30)
+    first = workspace(tmp_path / "a", {"qa.jsonl": "\n".join(lines[:20]) + "\n"},
+                      [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir)
+    assert prepare(first, monkeypatch) == 0
+    before = {r["id"]: s for s, split in all_rows(first).items() for r in split}
+    changed = lines[25:] + lines[3:20] + lines[20:25]  # 10 added, 0-2 removed, order changed
+    second = workspace(tmp_path / "b", {"qa.jsonl": "\n".join(changed) + "\n"},
+                       [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir)
+    assert prepare(second, monkeypatch) == 0
+    after = {r["id"]: s for s, split in all_rows(second).items() for r in split}
+    common = set(before) & set(after)
+    assert len(common) == 17
+    assert {i: before[i] for i in common} == {i: after[i] for i in common}
+
+
+# ------------------------------------------------------------------ masks and templates
+
+def test_labels_are_masked_exactly_on_the_prompt(tmp_path, tokenizer_dir, tokenizer, monkeypatch):
+    ws = bad_workspace(tmp_path, tokenizer_dir, on_invalid="skip")
+    assert prepare(ws, monkeypatch) == 0
+    checked = 0
+    for split in all_rows(ws).values():
+        for row in split:
+            prompt_ids = tokenizer(row["prompt"])["input_ids"]  # as inference tokenises it
+            answer_ids = tokenizer(row["reference"], add_special_tokens=False)["input_ids"]
+            n = len(prompt_ids)
+            assert row["input_ids"][:n] == prompt_ids
+            assert row["labels"][:n] == [-100] * n
+            assert row["labels"][n:] == row["input_ids"][n:] and -100 not in row["labels"][n:]
+            if row["record_id"] == "a9":  # truncated: the answer's first tokens, no eos
+                assert row["input_ids"][n:] == answer_ids[:128 - n]
+            else:
+                assert row["input_ids"][n:] == answer_ids + [tokenizer.eos_token_id]
+            assert row["length"] == len(row["input_ids"])
+            checked += 1
+    assert checked == 4
+
+
+# ------------------------------------------------------------------ formats
+
+def test_csv_parquet_chat_sharegpt_and_field_mapping(tmp_path, tokenizer_dir, monkeypatch):
+    import pyarrow as pa
+    files = {name: (FIXTURES / "raw" / name).read_bytes()
+             for name in ("qa.csv", "chat.jsonl", "mcq.json")}
+    ws = workspace(tmp_path, files, [
+        {"path": "data/raw/qa.csv", "format": "alpaca",
+         "fields": {"instruction": "question_text", "input": "context", "output": "response"}},
+        {"path": "data/raw/chat.jsonl", "format": "chat"},
+        {"path": "data/raw/mcq.json", "format": "mcq", "fields": {"question": "q", "options": "choices"}},
+        {"path": "data/raw/p.parquet", "format": "alpaca", "fields": {"output": "answer"}},
+    ], tokenizer_dir, on_invalid="skip", val_fraction=0.0, test_fraction=0.0)
+    pq.write_table(pa.table({"instruction": ["Define shock."], "answer": ["Circulatory failure."]}),
+                   ws / "data" / "raw" / "p.parquet")
+    assert prepare(ws, monkeypatch) == 0
+    train = {r["record_id"] or r["source"]: r for r in rows(ws, "train")}
+    rejects = [json.loads(x) for x in (ws / "data/prepared/rejects.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in rejects] == [
+        ("data/raw/qa.csv:5", "missing_field"), ("data/raw/chat.jsonl:3", "invalid_messages"),
+        ("data/raw/mcq.json:8", "invalid_answer")]
+    assert sorted(train) == ["chat-1", "chat-2", "csv-1", "csv-2", "data/raw/p.parquet:row 1",
+                             "mcq-1", "mcq-2"]
+    assert train["csv-2"]["source"] == "data/raw/qa.csv:3"
+    assert train["data/raw/p.parquet:row 1"]["reference"] == "Circulatory failure."
+    mcq1, mcq2 = train["mcq-1"], train["mcq-2"]
+    assert mcq1["prompt"].endswith("Which electrolyte mainly sets extracellular osmolality?\n"
+                                   "A. Calcium\nB. Sodium\nC. Potassium\nD. Magnesium\n\n### Response:\n")
+    assert (mcq1["reference"], mcq1["label"]) == ("Answer: B. Sodium is the main extracellular cation.", "B")
+    assert (mcq2["reference"], mcq2["label"]) == ("Réponse : A. L'adrénaline intramusculaire", "A")
+    assert json.loads(mcq1["options"])["B"] == "Sodium"
+    assert train["chat-1"]["prompt"].startswith("You are a careful clinician.\n\n### Instruction:\n")
+    assert train["chat-2"]["prompt"].endswith("### Response:\nLife-threatening organ dysfunction caused "
+                                              "by a dysregulated host response to infection.\n\n"
+                                              "### Instruction:\nAnd septic shock?\n\n### Response:\n")
+    assert {r["kind"] for r in train.values()} == {"qa", "chat", "mcq"}
+
+
+# ------------------------------------------------------------------ PHI
+
+PHI_LINES = qa_lines(1) + [QA.format(id="p", q="Who to call?",
+                                     a="Write to jean.dupont@chu-lyon.fr or call 06 12 34 56 78.")]
+
+
+def test_phi_error_names_file_line_and_kinds_never_the_value(tmp_path, tokenizer_dir):
+    ws = workspace(tmp_path, {"phi.jsonl": "\n".join(PHI_LINES) + "\n"},
+                   [{"path": "data/raw/phi.jsonl", "format": "alpaca"}], tokenizer_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "prepare.py"), "--out",
+                           "data/prepared", "--metrics", "metrics/prepare.json"],
+                          cwd=ws, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "data/raw/phi.jsonl:2: looks like a personal identifier (email, phone)" in proc.stderr
+    for value in ("jean.dupont", "chu-lyon", "06 12 34 56 78", "12 34 56"):
+        assert value not in proc.stderr + proc.stdout
+    assert not (ws / "data" / "prepared").exists() and not (ws / "metrics").exists()
+
+
+def test_phi_redact_replaces_and_counts(tmp_path, tokenizer_dir, monkeypatch):
+    ws = workspace(tmp_path, {"phi.jsonl": "\n".join(PHI_LINES) + "\n"},
+                   [{"path": "data/raw/phi.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   phi="redact", val_fraction=0.0, test_fraction=0.0)
+    assert prepare(ws, monkeypatch) == 0
+    metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
+    assert metrics["phi"] == {"email": 1, "phone": 1, "nir": 0, "ssn": 0, "dob": 0, "mrn": 0, "name": 0}
+    redacted = [r for r in rows(ws, "train") if r["record_id"] == "p"][0]
+    assert redacted["reference"] == "Write to [EMAIL] or call [PHONE]."
+
+
+# ------------------------------------------------------------------ packing
+
+def test_packing_resets_positions_and_never_splits_an_example(tmp_path, tokenizer_dir, monkeypatch):
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(24)) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   packing=True, val_fraction=0.1, test_fraction=0.1, max_seq_length=256)
+    assert prepare(ws, monkeypatch) == 0
+    train = {r["id"]: r for r in rows(ws, "train")}
+    packed = pq.read_table(ws / "data" / "prepared" / "train_packed.parquet").to_pylist()
+    assert 0 < len(packed) < len(train)
+    assert Counter(i for row in packed for i in row["ids"]) == Counter(list(train))  # each once
+    for row in packed:
+        assert len(row["input_ids"]) == len(row["labels"]) == sum(row["seq_lens"]) <= 256
+        assert row["position_ids"] == [p for n in row["seq_lens"] for p in range(n)]
+        start = 0
+        for rid, n in zip(row["ids"], row["seq_lens"]):
+            assert row["input_ids"][start:start + n] == train[rid]["input_ids"]
+            assert row["labels"][start:start + n] == train[rid]["labels"]
+            start += n
+    metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
+    assert metrics["packed_rows"] == len(packed)
+
+
+# ------------------------------------------------------------------ the embedded dataset
+
+@pytest.mark.slow
+def test_embedded_dataset_passes_with_phi_error(tmp_path, tokenizer_dir, monkeypatch):
+    raw = sorted((ROOT / "data" / "raw").glob("*.jsonl"))
+    if not raw:
+        pytest.fail("data/raw missing: run `make data`")
+    files = {p.name: p.read_bytes() for p in raw}
+    ws = workspace(tmp_path, files, [
+        {"path": "data/raw/qa.jsonl", "format": "alpaca"},
+        {"path": "data/raw/labs.jsonl", "format": "alpaca"},
+        {"path": "data/raw/mcq.jsonl", "format": "mcq"}], tokenizer_dir,
+        max_seq_length=256, val_fraction=0.1, test_fraction=0.1)
+    assert prepare(ws, monkeypatch) == 0
+    metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
+    lines = sum(1 for p in raw for line in p.read_text().splitlines() if line.strip())
+    assert (metrics["records_in"], metrics["rejected"], metrics["leakage"]) == (lines, 0, 0)
+    assert set(metrics["phi"].values()) == {0}
+    assert metrics["kinds"]["lab"] > 0 and metrics["kinds"]["mcq"] > 0
