@@ -28,8 +28,6 @@ from medqlora.config import Source
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "system": "system", "model": "assistant", "bot": "assistant"}
-OPTIONAL = {"alpaca": ("input", "label", "lang", "id"), "chat": ("lang", "id"),
-            "mcq": ("explanation", "lang", "id")}
 
 
 class DataError(RuntimeError):
