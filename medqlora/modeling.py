@@ -116,6 +116,30 @@ def load_base(model: ModelParams, quant: QuantizationParams, precision: Precisio
     return base
 
 
+def keep_4bit_layout_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) converts a Linear4bit's weights to a CPU
+    inference layout on the first forward in eval mode, and never converts them back: after
+    the Trainer's first evaluation every training step would run through `gemv_4bit`, which
+    has no autograd kernel (PyTorch warns "may lead to silently incorrect behavior"), so
+    gradients flowing through the frozen base to earlier LoRA layers would be wrong. Training
+    turns the repacking off; weights already repacked are converted back.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = (
+                    _convert_weight_packed_for_cpu_inverse(module.weight.data, state))
+            changed += 1
+    return changed
+
+
 def lora_config(lora: LoraParams):
     """peft LoraConfig from the `lora` section."""
     from peft import LoraConfig

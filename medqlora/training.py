@@ -127,6 +127,8 @@ def build_model(params: Params, precision: modeling.Precision):
     """Base (4-bit or not) prepared for training, with a trainable LoRA adapter attached."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     base = modeling.load_base(params.model, params.quantization, precision)
+    if params.quantization.load_in_4bit:
+        modeling.keep_4bit_layout_trainable(base)  # see its docstring: a bitsandbytes CPU trap
     checkpointing = params.train.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks frozen-input grads
     if params.quantization.load_in_4bit:
@@ -304,7 +306,10 @@ def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str
     """metrics/train.json: final losses, steps, throughput, memory, parameter counts."""
     state = trainer.state
     history = state.log_history
-    losses = [e["loss"] for e in history if "loss" in e]  # each: mean of its logging window
+    # Each logged "loss" is the mean over its logging window; a run shorter than one window
+    # only has the Trainer's whole-run mean ("train_loss").
+    losses = [e["loss"] for e in history if "loss" in e] or [
+        e["train_loss"] for e in history if "train_loss" in e]
     evals = [e["eval_loss"] for e in history if "eval_loss" in e]
     final_eval = trainer.evaluate()["eval_loss"]
     tokens_at_resume = 0

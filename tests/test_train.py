@@ -1,0 +1,364 @@
+"""The train stage on a tiny Llama (and a tiny Mistral for the reference recipe), on CPU, offline.
+
+Fixtures build their own base (2-layer Llama, hidden 64, byte-level BPE) and a prepared-data
+folder following the contract (input_ids / labels with -100 on the prompt), so these tests do
+not depend on the prepare stage. Every run is real: NF4 4-bit through bitsandbytes, peft LoRA,
+the Hugging Face Trainer, checkpoints on disk.
+
+    pytest tests/test_train.py          # about 2 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, set_key
+from medqlora import checkpoints, modeling, training
+from medqlora.config import build_params, validate_document
+from medqlora.outputs import sha256_tree
+
+FACTS = [("anemia", "low hemoglobin"), ("diabetes", "high blood glucose"),
+         ("asthma", "narrow airways"), ("hepatitis", "liver inflammation"),
+         ("gastritis", "stomach inflammation"), ("eczema", "itchy skin"),
+         ("stroke", "loss of blood supply to the brain"), ("dehydration", "lack of body water")]
+PROMPT = "### Instruction:\nWhat is {}?\n\n### Response:\n"
+# 26 rows / batch 4 = 7 micro-batches; / accum 2 = 4 optimizer steps per epoch (ceil);
+# x 1.5 epochs = 6 steps; warmup 0.1 x 6 = 0.6 -> 1 step.
+SHORT = {"train.max_steps": -1, "train.num_train_epochs": 1.5,
+         "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2,
+         "train.learning_rate": 0.01, "train.warmup_ratio": 0.1, "train.logging_steps": 1,
+         "train.eval_steps": 3, "train.save_steps": 3, "train.early_stopping_patience": 3}
+TRAIN_ROWS = 26
+
+
+# ---------------------------------------------------------------- fixtures
+
+def _tokenizer(dest: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    corpus = [PROMPT.format(d) + f"{d} is {f}." for d, f in FACTS] * 4
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(dest)
+    return fast
+
+
+def make_base(dest: Path, arch: str = "llama") -> Path:
+    """A random tiny causal LM; every Linear dimension a multiple of 64 (bnb 4-bit blocks)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
+    tokenizer = _tokenizer(dest)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                 max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                 tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if arch == "mistral":
+        MistralForCausalLM(MistralConfig(**sizes, sliding_window=None)).save_pretrained(dest)
+    else:
+        LlamaForCausalLM(LlamaConfig(**sizes)).save_pretrained(dest)
+    return dest
+
+
+def make_prepared(dest: Path, base: Path, packed: bool = False) -> Path:
+    """data/prepared per the contract (train/val/test.parquet; train_packed.parquet if packed)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base)
+    rng = random.Random(0)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            disease, fact = FACTS[rng.randrange(len(FACTS))]
+            prompt = tok(PROMPT.format(disease), add_special_tokens=False)["input_ids"]
+            answer = tok(f"{disease} is {fact}.", add_special_tokens=False)["input_ids"]
+            answer = answer + [tok.eos_token_id]
+            out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer,
+                        "length": len(prompt) + len(answer)})
+        return out
+
+    ints = pa.list_(pa.int32())
+    schema = pa.schema([("input_ids", ints), ("labels", ints), ("length", pa.int32())])
+    train = rows(TRAIN_ROWS)
+    for name, table in (("train", train), ("val", rows(8)), ("test", rows(8))):
+        pq.write_table(pa.Table.from_pylist(table, schema=schema), dest / f"{name}.parquet")
+    if packed:  # two examples per row, positions restarting at each example
+        pairs = [train[i:i + 2] for i in range(0, len(train), 2)]
+        packed_rows = [{"input_ids": sum((r["input_ids"] for r in p), []),
+                        "labels": sum((r["labels"] for r in p), []),
+                        "position_ids": sum((list(range(r["length"])) for r in p), []),
+                        "seq_lens": [r["length"] for r in p]} for p in pairs]
+        pq.write_table(pa.Table.from_pylist(packed_rows), dest / "train_packed.parquet")
+    (dest / "meta.json").write_text(json.dumps({"stage": "prepare"}), encoding="utf-8")
+    return dest
+
+
+def make_params(base: Path, overrides: dict, source: Path = ROOT / "params.yaml"):
+    """Typed params from a params file with dotted overrides; the result must validate."""
+    doc = yaml.safe_load(source.read_text(encoding="utf-8"))
+    for key, value in {"model.base": str(base), **overrides}.items():
+        set_key(doc, key, value)
+    assert validate_document(doc, ROOT) == []
+    return build_params(doc), doc
+
+
+def train_once(params, data: Path, out: Path):
+    """Run the train stage's library call into `out`; returns (metrics, paths)."""
+    paths = {"adapter": out / "adapter", "ckpt": out / "ckpt", "live": out / "live",
+             "metrics": out / "train.json"}
+    metrics = training.run(params, data, paths["adapter"], paths["ckpt"], paths["live"],
+                           paths["metrics"])
+    return metrics, paths
+
+
+def final_state(ckpt_root: Path) -> dict:
+    """trainer_state.json of the newest checkpoint of the only run under `ckpt_root`."""
+    (run_dir,) = list(ckpt_root.iterdir())
+    return json.loads((checkpoints.checkpoints(run_dir)[0] / "trainer_state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, base) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("prepared"), base)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, base, data):
+    """One uninterrupted short run, shared by the tests that compare against it."""
+    params, _ = make_params(base, SHORT)
+    metrics, paths = train_once(params, data, tmp_path_factory.mktemp("short"))
+    return params, metrics, paths
+
+
+# ---------------------------------------------------------------- fast, no training
+
+def test_warmup_translation_arithmetic():
+    # 1,000 rows / batch 8 = 125 micro-batches; / accum 2 = 62.5 -> 63 steps; x 3 = 189.
+    assert training.total_optimizer_steps(1000, 8, 2, 3, -1) == 189
+    assert training.warmup_steps(0.03, 189) == 6          # 5.67 -> 6
+    assert training.total_optimizer_steps(26, 4, 2, 1.5, -1) == 6   # 7 -> 4 per epoch, x 1.5
+    assert training.total_optimizer_steps(1000, 8, 2, 3, 40) == 40  # max_steps wins
+    assert training.warmup_steps(0.1, 40) == 4            # exactly 4.0, not 5
+    assert training.warmup_steps(0.03, 10) == 1          # 0.3 -> 1
+    assert training.warmup_steps(0.0, 189) == 0
+    assert training.total_optimizer_steps(3, 8, 4, 1, -1) == 1      # never zero
+
+
+def test_cuda_only_optimizer_falls_back_on_cpu():
+    assert training.resolve_optim("paged_adamw_8bit", "cpu")[0] == "adamw_torch"
+    assert "needs CUDA" in training.resolve_optim("paged_adamw_32bit", "cpu")[1][0]
+    assert training.resolve_optim("paged_adamw_8bit", "cuda") == ("paged_adamw_8bit", [])
+
+
+def test_collator_pads_labels_and_packed_positions():
+    collate = training.Collator(pad_token_id=3)
+    out = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                   {"input_ids": [8], "labels": [8]}])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    packed = collate([{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8],
+                       "position_ids": [0, 1, 0, 1]},
+                      {"input_ids": [9, 9], "labels": [9, 9], "position_ids": [0, 1]}])
+    # Padding becomes its own "example" (positions from 0), so it attends to nothing real.
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+    assert packed["labels"].tolist()[1] == [9, 9, -100, -100]
+    assert "attention_mask" not in packed
+
+
+def test_fingerprint_changes_with_weight_shaping_params_only():
+    sections = {"seed": 1, "train": {"learning_rate": 0.1, "save_total_limit": 2}}
+    key = checkpoints.fingerprint(sections, "abc")
+    assert checkpoints.fingerprint({**sections, "seed": 2}, "abc") != key
+    assert checkpoints.fingerprint(sections, "abd") != key
+    kept = {"seed": 1, "train": {"learning_rate": 0.1, "save_total_limit": 5}}
+    assert checkpoints.fingerprint(kept, "abc") == key
+
+
+# ---------------------------------------------------------------- real runs
+
+@pytest.mark.slow
+def test_base_is_really_4bit_and_lora_wraps_every_projection(base):
+    import bitsandbytes as bnb
+    params, _ = make_params(base, SHORT)
+    model = training.build_model(params, modeling.resolve_precision(params.quantization, "auto"))
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down; lm_head stays dense
+    assert all(m.weight.dtype == torch.uint8 for m in model.modules()
+               if isinstance(m, bnb.nn.Linear4bit))
+    # r=16: per layer q,o 64->64 (2 x 16 x (64+64)), k,v 64->64, gate/up 64->128, down 128->64
+    trainable, _ = modeling.trainable_parameters(model)
+    per_layer = 4 * 16 * (64 + 64) + 3 * 16 * (64 + 128)
+    assert trainable == 2 * per_layer
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_a_safetensors_only_adapter(short_run, base, data):
+    params, metrics, paths = short_run
+    assert metrics["global_step"] == 6 and metrics["warmup_steps"] == 1
+    assert metrics["effective_batch"] == 8 and metrics["total_steps_planned"] == 6
+    state = final_state(paths["ckpt"])
+    assert state["max_steps"] == 6  # the Trainer's own count matches our warmup arithmetic
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
+    assert metrics["eval_loss"] < metrics["eval_loss_start"] - 0.05
+    assert metrics["tokens_seen"] > 0 and metrics["trainable_params"] == 2 * (
+        4 * 16 * 128 + 3 * 16 * 192)
+
+    files = sorted(p.name for p in paths["adapter"].iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors", "meta.json",
+            "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    for file in paths["adapter"].iterdir():   # nothing pickled: no torch.save files at all
+        assert file.suffix not in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}, file
+        assert not file.read_bytes().startswith(b"\x80"), f"{file} looks like a pickle"
+    meta = json.loads((paths["adapter"] / "meta.json").read_text())
+    assert meta["stage"] == "train" and set(meta["params"]) == {"seed", "model", "quantization",
+                                                                 "lora", "train"}
+    assert meta["base"] == {"id": str(base), "revision": None, "sha256": sha256_tree(base)}
+    assert meta["inputs"]["prepared"]["sha256"] == sha256_tree(data)
+    assert meta["precision"]["compute_dtype"] == "bfloat16"
+    model, quant, precision = modeling.settings_from_meta(meta)
+    assert model.base == str(base) and quant.load_in_4bit and precision.compute_dtype is torch.bfloat16
+
+    loss_tsv = (paths["live"] / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()
+    assert loss_tsv[:2] == ["step", "loss"] and len(loss_tsv) == 2 + 2 * 6
+    eval_rows = (paths["live"] / "plots" / "metrics" / "eval" / "loss.tsv").read_text().split()
+    assert eval_rows[2] == "0"  # the starting validation loss is on the curve at step 0
+
+
+@pytest.mark.slow
+def test_same_seed_gives_bitwise_same_losses(short_run, base, data, tmp_path):
+    params, metrics, paths = short_run
+    again, again_paths = train_once(params, data, tmp_path)
+    first = [e.get("loss") for e in final_state(paths["ckpt"])["log_history"]]
+    second = [e.get("loss") for e in final_state(again_paths["ckpt"])["log_history"]]
+    assert first == second  # bitwise: same floats, CPU, same thread count
+    assert again["eval_loss"] == metrics["eval_loss"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, tmp_path):
+    _, metrics, paths = short_run
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in {"model.base": str(base), **SHORT}.items():
+        set_key(doc, key, value)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "stages/train.py", "--params", str(params_file), "--data", str(data),
+           "--out", str(out / "adapter"), "--checkpoints", str(out / "ckpt"),
+           "--live", str(out / "live"), "--metrics", str(out / "train.json")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # Kill as soon as checkpoint-3 is complete: 3 of 6 steps are still to run.
+    while time.time() < deadline and proc.poll() is None:
+        found = list((out / "ckpt").glob("*/checkpoint-3"))
+        if found and checkpoints.problem(found[0]) is None:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "adapter").exists()  # atomic output: nothing that looks complete
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and "checkpoint-3" in done.stderr
+    resumed = json.loads((out / "train.json").read_text())
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["global_step"] == metrics["global_step"] == 6
+    # Observed bitwise equal on CPU (RNG, optimizer, scheduler and data order all restored);
+    # the tolerance allows for a different BLAS thread split on another machine.
+    assert resumed["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-4)
+    uninterrupted = [e.get("loss") for e in final_state(paths["ckpt"])["log_history"]]
+    after_resume = [e.get("loss") for e in final_state(out / "ckpt")["log_history"]]
+    assert after_resume == pytest.approx(uninterrupted, abs=1e-4, nan_ok=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate optimizer.pt", "garble adapter_model.safetensors",
+                                    "delete trainer_state.json"])
+def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(short_run, tmp_path, caplog,
+                                                                damage):
+    _, _, paths = short_run
+    (source,) = list(paths["ckpt"].iterdir())
+    run_dir = shutil.copytree(source, tmp_path / "run")
+    newest = run_dir / "checkpoint-6"
+    action, name = damage.split(" ")
+    target = newest / name
+    if action == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif action == "garble":
+        target.write_bytes(b"\x00" * 64)
+    else:
+        target.unlink()
+    with caplog.at_level(logging.WARNING, logger="medqlora.checkpoints"):
+        chosen = checkpoints.latest_complete(run_dir)
+    assert chosen == run_dir / "checkpoint-3"
+    assert any("checkpoint-6" in r.getMessage() and "skipping" in r.getMessage()
+               for r in caplog.records)
+    assert not newest.exists() and len(list((run_dir / "skipped").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_init_adapter_continues_from_a_trained_adapter(short_run, base, data, tmp_path):
+    _, metrics, paths = short_run
+    package = tmp_path / "package"
+    shutil.copytree(paths["adapter"], package / "adapter")  # a package folder holding one
+    params, _ = make_params(base, {**SHORT, "train.init_adapter": str(package),
+                                   "train.num_train_epochs": 0.5})
+    more, more_paths = train_once(params, data, tmp_path / "out")
+    # It starts where the earlier adapter ended (same val split), then keeps going.
+    assert more["eval_loss_start"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+    assert more["global_step"] == 2
+    meta = json.loads((more_paths["adapter"] / "meta.json").read_text())
+    assert meta["init_adapter"] == str(package / "adapter")
+    assert meta["inputs"]["init_adapter"]["sha256"] == sha256_tree(package / "adapter")
+
+
+@pytest.mark.slow
+def test_reference_mistral_recipe_runs_one_step_on_a_tiny_mistral(tmp_path):
+    import bitsandbytes as bnb
+    base = make_base(tmp_path / "mistral", arch="mistral")
+    data = make_prepared(tmp_path / "prepared", base, packed=True)
+    params, doc = make_params(base, {"train.max_steps": 1, "data.max_seq_length": 64},
+                              source=ROOT / "examples" / "mistral-7b-medical.yaml")
+    assert doc["lora"]["r"] == 64 and doc["train"]["mixed_precision"] == "bf16"
+    assert params.quantization.bnb_4bit_quant_type == "nf4"
+    metrics, paths = train_once(params, data, tmp_path / "out")
+    assert metrics["global_step"] == 1
+    assert metrics["effective_batch"] == 16  # 4 x 4 as in the recipe
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
+    config = json.loads((paths["adapter"] / "adapter_config.json").read_text())
+    assert config["r"] == 64 and config["lora_alpha"] == 16
+    assert sorted(config["target_modules"]) == sorted(doc["lora"]["target_modules"])
+    model = training.build_model(params, modeling.resolve_precision(params.quantization, "bf16"))
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14
