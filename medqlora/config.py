@@ -92,6 +92,19 @@ class LoraParams:
 
 
 @dataclass(frozen=True)
+class FastPathParams:
+    """train.fast_path: the switches of medqlora/fastpath.py (meanings in the schema)."""
+    enabled: str
+    fused_kernels: bool
+    fused_cross_entropy: bool
+    fused_lora: bool
+    frozen_in_compute_dtype: bool
+    padding_free: bool
+    checkpoint_policy: str
+    fused_optimizer: bool
+
+
+@dataclass(frozen=True)
 class TrainParams:
     num_train_epochs: float
     max_steps: int
@@ -115,6 +128,7 @@ class TrainParams:
     adaptive_batch_size: bool
     init_adapter: str | None
     memory_budget_gib: float | None
+    fast_path: FastPathParams
 
 
 @dataclass(frozen=True)
@@ -386,7 +400,8 @@ def build_params(doc: dict[str, Any]) -> Params:
         model=_build(ModelParams, full["model"]),
         quantization=_build(QuantizationParams, full["quantization"]),
         lora=_build(LoraParams, full["lora"]),
-        train=_build(TrainParams, full["train"]),
+        train=_build(TrainParams, {**full["train"], "fast_path": _build(
+            FastPathParams, full["train"]["fast_path"])}),
         evaluate=_build(EvaluateParams, full["evaluate"]),
         merge=_build(MergeParams, full["merge"]),
         package=_build(PackageParams, full["package"]),

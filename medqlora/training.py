@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medqlora import checkpoints, modeling
+from medqlora import checkpoints, fastpath, modeling
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.provenance import write_meta
@@ -263,8 +263,11 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     if params.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
+    # --- fast path (train.fast_path; medqlora/fastpath.py, measured by bench/bench_train.py) ---
+    model, collator, args = fastpath.apply(model, params, args, Collator(tokenizer.pad_token_id))
+    # --- end fast path ---
     trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
-                      data_collator=Collator(tokenizer.pad_token_id),
+                      data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -346,7 +349,7 @@ def base_info(params: Params) -> dict[str, Any]:
 
 
 def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precision,
-                 plan: Plan, data_dir: Path, out_dir: Path) -> None:
+                 plan: Plan, data_dir: Path, out_dir: Path, base: dict[str, Any]) -> None:
     """models/adapter/: safetensors adapter, tokenizer and meta.json, written atomically."""
     inputs: dict[str, Path] = {"prepared": data_dir}
     init = find_adapter(params.train.init_adapter) if params.train.init_adapter else None
@@ -362,7 +365,7 @@ def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precisi
                 "bf16": precision.bf16, "fp16": precision.fp16,
                 "notes": [*precision.notes, *plan.notes],
             },
-            "base": base_info(params),
+            "base": base,
             "init_adapter": str(init) if init else None,
             "effective": {"per_device_train_batch_size": plan.batch,
                           "gradient_accumulation_steps": plan.accum, "optim": plan.optim,
@@ -376,14 +379,16 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     precision = modeling.resolve_precision(params.quantization, params.train.mixed_precision)
     data = load_data(data_dir)
-    key = checkpoints.fingerprint(params.section(*SECTIONS), sha256_tree(data_dir))
+    base = base_info(params)  # hashed once: it names the checkpoint folder and goes in meta.json
+    key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base},
+                                  sha256_tree(data_dir))
     run_dir = Path(checkpoints_dir) / key
     log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
     tokenizer = modeling.load_tokenizer(params.model)
     trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
                                                    run_dir, Path(live_dir))
     metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
-    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir)
+    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir, base)
     write_json(metrics_path, metrics)
     log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s", metrics["global_step"],
              metrics["eval_loss_start"] or float("nan"), metrics["eval_loss"],

@@ -1,0 +1,289 @@
+"""The fast training path: the same QLoRA recipe, fewer bytes moved and less recomputed.
+
+    model, collator, args = fastpath.apply(model, params, args, collator)   # medqlora/training.py
+
+Switches live in `train.fast_path` (schema/params.schema.json); bench/bench_train.py measures
+each against the reference recipe on a GPU, and tests/test_fastpath.py keeps the CPU-capable
+ones equal to the plain path. What each removes, for Mistral-7B at 4 x 2048 tokens a
+micro-batch (U = one bf16 tokens x hidden tensor = 8192 x 4096 x 2 B = 64 MiB):
+- frozen_in_compute_dtype: peft's prepare_model_for_kbit_training upcasts norms, embeddings and
+  lm_head to fp32, which makes the whole residual stream fp32: 2U per checkpointed layer
+  instead of 1U (32 layers: 4 GiB -> 2 GiB) and twice the bytes in every norm/add. The frozen
+  weights go back to bf16; the adapter (what Adam updates) stays fp32.
+- fused_kernels / fused_cross_entropy (Liger): RMSNorm, RoPE and SwiGLU in one Triton pass
+  each; the loss is computed chunk by chunk from the hidden states, so the 8192 x 32000 logits
+  (1 GiB in fp32, plus their gradient) never exist.
+- fused_lora: peft computes base(x).clone() + B(A(drop(x))) * s in four passes over the output;
+  here the scaled add is the GEMM's epilogue (torch.addmm, beta=1, alpha=s).
+- padding_free: a micro-batch of variable-length examples becomes one row with per-example
+  position ids; transformers turns those into a block-diagonal causal mask.
+- checkpoint_policy=budget: memory the above saves buys un-checkpointed layers (no recompute).
+- fused_optimizer: adamw_torch -> adamw_torch_fused (the same update in one kernel).
+Everything GPU-only is imported lazily and guarded, so the CPU path and CI never need it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from medqlora.config import FastPathParams
+
+log = logging.getLogger(__name__)
+MIN_PADDING_SAVING = 0.10  # flatten a micro-batch only when it removes >= 10% of its tokens
+GIB = 2**30
+
+
+# ---------------------------------------------------------------- what runs here
+
+@dataclass(frozen=True)
+class Plan:
+    """The switches that actually apply on this device, and why the others do not."""
+    fused_kernels: bool
+    fused_cross_entropy: bool
+    fused_lora: bool
+    frozen_in_compute_dtype: bool
+    padding_free: bool
+    checkpoint_policy: str
+    fused_optimizer: bool
+    notes: tuple[str, ...]
+
+    @property
+    def any(self) -> bool:
+        """True when at least one switch changes something."""
+        return any((self.fused_kernels, self.fused_cross_entropy, self.fused_lora,
+                    self.frozen_in_compute_dtype, self.padding_free, self.fused_optimizer,
+                    self.checkpoint_policy != "all"))
+
+
+def liger_available() -> bool:
+    """liger-kernel importable (it needs triton, so in practice a CUDA machine)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve(fast: FastPathParams, device: str) -> Plan:
+    """Which switches run on `device` (auto: CUDA only), with a note for each one skipped."""
+    on = fast.enabled == "on" or (fast.enabled == "auto" and device == "cuda")
+    if not on:
+        return Plan(False, False, False, False, False, "all", False, ())
+    notes = []
+    want_liger = fast.fused_kernels or fast.fused_cross_entropy
+    liger_ok = device == "cuda" and liger_available()
+    if want_liger and not liger_ok:
+        notes.append("train.fast_path.fused_kernels/fused_cross_entropy: need CUDA and "
+                     "liger-kernel; skipped")
+    fused_opt = fast.fused_optimizer and device == "cuda"
+    return Plan(fast.fused_kernels and liger_ok, fast.fused_cross_entropy and liger_ok,
+                fast.fused_lora, fast.frozen_in_compute_dtype, fast.padding_free,
+                fast.checkpoint_policy, fused_opt, tuple(notes))
+
+
+# ---------------------------------------------------------------- frozen weights in bf16
+
+def frozen_to_compute_dtype(model, dtype: torch.dtype) -> int:
+    """Cast frozen fp32 floating parameters (norms, embeddings, lm_head) to `dtype`.
+
+    Undoes peft's blanket fp32 upcast for weights Adam never touches; trainable (adapter)
+    parameters stay fp32. Returns how many parameters were cast.
+    """
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
+
+
+# ---------------------------------------------------------------- Liger kernels
+
+def apply_liger(model, fused_kernels: bool, fused_cross_entropy: bool) -> None:
+    """Patch the (peft-wrapped) model instance with Liger kernels; GPU only, imported lazily.
+
+    Applied to the instance, so other models in the process keep their code, except RoPE,
+    which Liger patches at module level (transformers' apply_rotary_pos_emb).
+    """
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(
+        model=base, rope=fused_kernels, rms_norm=fused_kernels, swiglu=fused_kernels,
+        cross_entropy=False, fused_linear_cross_entropy=fused_cross_entropy)
+
+
+# ---------------------------------------------------------------- LoRA as one GEMM
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """base(x) + s * B(A(dropout(x))) with the add and scale in the GEMM epilogue.
+
+    peft's bnb.Linear4bit does result.clone(), then output * s, then result + output: three
+    more passes over a tokens x out tensor per projection (q/k/v/o/gate/up/down, fwd and bwd).
+    Falls back to peft whenever the layer is not the plain single-adapter case.
+    """
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (self.disable_adapters or self.merged or name not in self.lora_A or args or kwargs
+            or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None):
+        return self._peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    dropped = self.lora_dropout[name](x)
+    if not torch.is_autocast_enabled():  # peft's own test (CUDA autocast), kept for parity
+        # Without autocast, peft computes the branch in the adapter's dtype (fp32) and casts
+        # back; do the same so the fused path matches it.
+        low = torch.nn.functional.linear(dropped.to(weight_a.dtype), weight_a)
+        out2d = torch.addmm(result.reshape(-1, result.shape[-1]).to(weight_b.dtype),
+                            low.reshape(-1, low.shape[-1]), weight_b.t(),
+                            alpha=self.scaling[name])
+        return out2d.to(result.dtype).view(result.shape)
+    low = torch.nn.functional.linear(dropped, weight_a)
+    out2d = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                        weight_b.t(), alpha=self.scaling[name])
+    return out2d.view(result.shape)
+
+
+def fuse_lora(model) -> int:
+    """Give every peft LoRA Linear the fused forward; returns how many layers changed."""
+    from peft.tuners.lora import LoraLayer
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and \
+                not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------- padding-free batches
+
+@dataclass
+class PaddingFree:
+    """Wraps a padding collator: a micro-batch of unequal rows becomes one row, no padding.
+
+    input_ids and labels are concatenated; position_ids restart at 0 for each example, from
+    which transformers builds a block-diagonal causal mask (examples never see each other).
+    The first label of every example after the first is set to -100: the previous example's
+    last token must not be trained to predict it. A plain row's first label is never used
+    either (the loss shifts labels by one), so the set of trained tokens is the same.
+    Batches that are already packed, or that padding would barely grow, go to `inner`.
+    """
+    inner: Any
+    min_saving: float = MIN_PADDING_SAVING
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(row["input_ids"]) for row in rows]
+        padded = max(lengths) * len(rows)
+        if "position_ids" in rows[0] or 1 - sum(lengths) / padded < self.min_saving:
+            return self.inner(rows)
+        ids, labels, positions = [], [], []
+        for row, size in zip(rows, lengths):
+            row_labels = list(row["labels"])
+            if labels:
+                row_labels[0] = -100
+            ids.extend(row["input_ids"])
+            labels.extend(row_labels)
+            positions.extend(range(size))
+        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "labels": as_row(labels),
+                "position_ids": as_row(positions)}
+
+
+# ---------------------------------------------------------------- checkpoint policy
+
+def decoder_layers(model) -> list:
+    """The layers transformers checkpoints (GradientCheckpointingLayer instances)."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
+            and type(m).__name__.endswith("DecoderLayer")]
+
+
+def layer_activation_bytes(tokens: int, hidden: int, intermediate: int) -> int:
+    """Activations one un-checkpointed decoder layer keeps for backward, bf16, fast path.
+
+    Counted per token: attention side ~14 x hidden values (norm in/out 2, q/k/v/o LoRA
+    dropout masks + dropped inputs 6, q/k/v/out for attention 3, residual + norm 2, slack 1);
+    MLP side ~4.5 x intermediate (SwiGLU keeps gate and up 2, down's input 1, its LoRA
+    dropout mask + dropped copy 1.5). x 2 bytes. Mistral-7B, 8192 tokens: 1.9 GiB. The bench
+    prints measured peaks to check it.
+    """
+    return tokens * 2 * (14 * hidden + int(4.5 * intermediate))
+
+
+def layers_within_budget(budget_gib: float | None, layers: int, tokens: int, hidden: int,
+                         intermediate: int, allocated: int, trainable: int) -> int:
+    """How many layers can skip recompute and stay under `budget_gib` (0 when it is null).
+
+    peak ~ allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
+         + layers x tokens x hidden x 2 (bf16 checkpoints) + one layer's recompute + 1 GiB
+           of working space (loss chunks, allocator slack)
+         + k x (one layer's activations - its checkpoint).
+    """
+    if budget_gib is None:
+        return 0
+    per_layer = layer_activation_bytes(tokens, hidden, intermediate)
+    checkpoint = tokens * hidden * 2
+    base = allocated + 3 * 4 * trainable + layers * checkpoint + per_layer + GIB
+    spare = budget_gib * GIB - base
+    return max(0, min(layers, int(spare // (per_layer - checkpoint))))
+
+
+def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int) -> int:
+    """Apply the checkpoint policy; returns how many decoder layers skip recompute."""
+    layers = decoder_layers(model)
+    if policy == "all" or not layers or not any(l.gradient_checkpointing for l in layers):
+        return 0
+    if policy == "none":
+        skip = len(layers)
+    else:
+        config = model.config
+        allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        skip = layers_within_budget(budget_gib, len(layers), tokens, config.hidden_size,
+                                    config.intermediate_size, allocated, trainable)
+    # The last layers: their activations are the first ones backward consumes.
+    for layer in layers[len(layers) - skip:]:
+        layer.gradient_checkpointing = False
+    return skip
+
+
+# ---------------------------------------------------------------- the one entry point
+
+def apply(model, params, args, collator, device: str | None = None):
+    """The fast path for `params.train.fast_path`: returns (model, collator, args).
+
+    `params` is the whole Params (the policy needs data.max_seq_length and
+    train.memory_budget_gib); `args` the TrainingArguments; `collator` the padding collator.
+    With the fast path off (the CPU default) all three come back unchanged.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = resolve(params.train.fast_path, device)
+    for note in plan.notes:
+        log.warning(note)
+    if not plan.any:
+        return model, collator, args
+    done = []
+    if plan.frozen_in_compute_dtype:
+        dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+        if dtype is not None:
+            done.append(f"frozen weights in {str(dtype)[6:]}: "
+                        f"{frozen_to_compute_dtype(model, dtype) / 1e6:.0f}M params")
+    if plan.fused_kernels or plan.fused_cross_entropy:
+        apply_liger(model, plan.fused_kernels, plan.fused_cross_entropy)
+        done.append(f"liger kernels={plan.fused_kernels} fused CE={plan.fused_cross_entropy}")
+    if plan.fused_lora:
+        done.append(f"fused LoRA on {fuse_lora(model)} layers")
+    if plan.padding_free:
+        collator = PaddingFree(collator)
+        done.append("padding-free batches")
+    if plan.fused_optimizer and str(getattr(args.optim, "value", args.optim)) == "adamw_torch":
+        args = dataclasses.replace(args, optim="adamw_torch_fused")
+        done.append("adamw_torch_fused")
+    tokens = args.per_device_train_batch_size * params.data.max_seq_length
+    skipped = set_checkpointing(model, plan.checkpoint_policy, params.train.memory_budget_gib,
+                                tokens)
+    done.append(f"checkpoint policy {plan.checkpoint_policy}: {skipped} layers not recomputed")
+    log.info("fast path: %s", "; ".join(done))
+    return model, collator, args
