@@ -202,6 +202,31 @@ def test_fingerprint_changes_with_weight_shaping_params_only():
     assert checkpoints.fingerprint(kept, "abc") == key
 
 
+def test_cuda_oom_halves_batch_and_doubles_accumulation(monkeypatch, caplog, base, tmp_path):
+    params, _ = make_params(base, SHORT)
+    tried = []
+
+    def fake_fit(params, precision, tokenizer, data, run_dir, live_dir, plan):
+        tried.append((plan.batch, plan.accum))
+        if plan.batch > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return "trainer", None, 1.0
+
+    monkeypatch.setattr(training, "fit", fake_fit)
+    cuda = modeling.Precision("cuda", torch.bfloat16, True, False, ())
+    rows = ([0] * TRAIN_ROWS, [0] * 8)
+    with caplog.at_level(logging.WARNING, logger="medqlora.training"):
+        *_, plan = training.fit_adaptive(params, cuda, None, rows, tmp_path, tmp_path)
+    assert tried == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout
+    assert (plan.batch, plan.accum) == (1, 8)
+    assert sum("CUDA out of memory" in r.getMessage() for r in caplog.records) == 2
+    cpu = modeling.Precision("cpu", torch.bfloat16, True, False, ())
+    tried.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # no retry off CUDA
+        training.fit_adaptive(params, cpu, None, rows, tmp_path, tmp_path)
+    assert tried == [(4, 2)]
+
+
 # ---------------------------------------------------------------- real runs
 
 @pytest.mark.slow
