@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medqlora import checkpoints, modeling
+from medqlora import checkpoints, fastpath, modeling
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.provenance import write_meta
@@ -263,8 +263,11 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     if params.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
+    # --- fast path (train.fast_path; medqlora/fastpath.py, measured by bench/bench_train.py) ---
+    model, collator, args = fastpath.apply(model, params, args, Collator(tokenizer.pad_token_id))
+    # --- end fast path ---
     trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
-                      data_collator=Collator(tokenizer.pad_token_id),
+                      data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
     if resume is not None:
         log.info("resuming from %s", resume)
