@@ -10,6 +10,7 @@ Nothing here calls `evaluate.load` or any hub: every metric is computed locally.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -70,6 +71,12 @@ def bleu_from_statistics(stats: np.ndarray) -> float:
 # ---------------------------------------------------------------- ROUGE-L
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
 def rouge_l(hypothesis: str, reference: str) -> float:
     """ROUGE-L F1 (0-1) from rouge-score, use_stemmer=False.
 
@@ -77,9 +84,7 @@ def rouge_l(hypothesis: str, reference: str) -> float:
     accented letters split words ("anémie" -> "an", "mie"). French scores are therefore
     comparable base vs adapter, but not to published English ROUGE numbers.
     """
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return scorer.score(reference, hypothesis)["rougeL"].fmeasure
+    return float(_rouge_scorer().score(reference, hypothesis)["rougeL"].fmeasure)
 
 
 # ---------------------------------------------------------------- diagnostic answers
