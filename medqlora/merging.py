@@ -62,6 +62,21 @@ def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     return out
 
 
+def top1_agree(ref: torch.Tensor, oth: torch.Tensor) -> torch.Tensor:
+    """Per position: do both models pick the same next token?
+
+    Exact ties count as agreement: bf16 logits of magnitude 8-16 are spaced 0.0625 apart, so
+    two tokens often share the top value and argmax picks between them by index, not by the
+    model. A position agrees when either model's pick is tied for the top in the other's
+    logits, i.e. one of them cannot tell the two tokens apart. Any non-zero gap in both models
+    is a real disagreement.
+    """
+    ref_pick, oth_pick = ref.argmax(-1, keepdim=True), oth.argmax(-1, keepdim=True)
+    ref_top = ref.gather(-1, oth_pick) == ref.max(-1, keepdim=True).values
+    oth_top = oth.gather(-1, ref_pick) == oth.max(-1, keepdim=True).values
+    return (ref_top | oth_top).squeeze(-1)
+
+
 def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, Any]:
     """Max and mean |logit difference| and top-1 agreement over every position of every prompt."""
     ref, oth = torch.cat(reference), torch.cat(other)
@@ -70,7 +85,7 @@ def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> 
         "n_positions": int(ref.shape[0]),
         "max_abs_logit_diff": round(float(diff.max()), 6),
         "mean_abs_logit_diff": round(float(diff.mean()), 6),
-        "top1_agreement": round(float((ref.argmax(-1) == oth.argmax(-1)).float().mean()), 6),
+        "top1_agreement": round(float(top1_agree(ref, oth).float().mean()), 6),
     }
 
 
@@ -149,15 +164,19 @@ def adapter_tokenizer(adapter_dir: Path, model_params):
 
 
 def reference_pass(settings, adapter_dir: Path, prompts: list[str]):
-    """Load the model evaluate scored; return (tokenizer, reference logits, dequantized, size)."""
+    """Load the model evaluate scored; return (tokenizer, reference logits, dequantized weights,
+    parameter count, adapter effect = base vs base + adapter logit statistics)."""
     tokenizer = adapter_tokenizer(adapter_dir, settings[0])
     base = modeling.load_base(*settings)
     weights = dequantized_weights(base) if settings[1].load_in_4bit else {}
     size = parameter_count(base)
+    base_logits = prompt_logits(base, tokenizer, prompts)
     model = modeling.load_adapter(base, adapter_dir)
     reference = prompt_logits(model, tokenizer, prompts)
+    # How far the adapter moves the base: the scale the parity differences are read against.
+    effect = compare_logits(reference, base_logits)
     _free(model, base)
-    return tokenizer, reference, weights, size
+    return tokenizer, reference, weights, size, effect
 
 
 def measure(settings, adapter_dir, weights, tokenizer, prompts, reference, merge):
@@ -207,7 +226,7 @@ def run_merge(params: Params, data_dir: str | Path, adapter_dir: str | Path,
                          f"{adapter_dir}/meta.json records quantization.load_in_4bit: false; "
                          "use merge.into: original for a plain LoRA adapter")
     prompts = parity_prompts(data_dir, merge.parity_prompts)
-    tokenizer, reference, deq, size = reference_pass(settings, adapter_dir, prompts)
+    tokenizer, reference, deq, size, effect = reference_pass(settings, adapter_dir, prompts)
     chosen = deq if merge.into == "dequantized" else None
 
     alternative = None
@@ -227,6 +246,7 @@ def run_merge(params: Params, data_dir: str | Path, adapter_dir: str | Path,
                       "min_top1_agreement": merge.min_top1_agreement},
         "passed": stats["passed"],
     }
+    metrics["adapter_effect"] = effect
     if alternative:
         metrics["alternative"] = alternative
     if not stats["passed"]:
