@@ -1,0 +1,171 @@
+"""Package stage, `medqlora verify` and `medqlora generate`; the reference guide's loading code
+runs on a package from the project root and from a folder where it was pulled."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapter_fixture import adapter_params, make_adapter, write_test_split
+from conftest import ROOT, run
+from medqlora import merging, packaging
+
+BASE_REL = "models/tiny-med-llama"
+EVALUATE = {
+    "n": 60, "n_diagnostic": 20,
+    "base": {"perplexity": 41.5, "bleu": 1.2, "bleu_ci95": [0.6, 1.9], "rouge_l": 0.08,
+             "diagnostic_accuracy": 0.25, "diagnostic_accuracy_ci95": [0.1, 0.45]},
+    "adapter": {"perplexity": 6.3, "bleu": 14.8, "bleu_ci95": [11.0, 18.7], "rouge_l": 0.31,
+                "diagnostic_accuracy": 0.7, "diagnostic_accuracy_ci95": [0.5, 0.9]},
+    "generation": {"max_new_tokens": 12, "do_sample": False, "batch_size": 16, "seed": 42,
+                   "decoding": "greedy"},
+}
+# What a package of the embedded default holds (tokenizer files as the tiny base ships them).
+EXPECTED = {"README.md", "manifest.json", "meta.json", "adapter_config.json",
+            "adapter_model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "images/loss_curve.png", "images/base_vs_adapter.png",
+            "merged/config.json", "merged/generation_config.json", "merged/meta.json",
+            "merged/model.safetensors", "merged/tokenizer.json", "merged/tokenizer_config.json"}
+REFERENCE_CODE = """
+import sys, torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+package = sys.argv[1]
+config = PeftConfig.from_pretrained(package)
+model = AutoModelForCausalLM.from_pretrained(
+    config.base_model_name_or_path,
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16))
+model = PeftModel.from_pretrained(model, package)
+tokenizer = AutoTokenizer.from_pretrained(package)
+ids = tokenizer("### Instruction:\\nWhat is anaemia?\\n\\n### Response:\\n", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+print("BASE", config.base_model_name_or_path)
+print("NEW_TOKENS", out.shape[1] - ids.input_ids.shape[1])
+"""
+
+
+def _inputs(tmp: Path, tiny_model: Path) -> dict[str, Path]:
+    adapter = make_adapter(str(tiny_model), tmp / "adapter")
+    data = write_test_split(tmp / "prepared", [
+        "### Instruction:\nWhat is anaemia?\n\n### Response:\n",
+        "### Instruction:\nFirst-line treatment of hypertension?\n\n### Response:\n"])
+    metrics = tmp / "metrics"
+    params = adapter_params(str(tiny_model), **{"merge.min_top1_agreement": 0.9})
+    assert merging.run_merge(params, data, adapter, tmp / "merged", metrics / "merge.json") == 0
+    (metrics / "evaluate.json").write_text(json.dumps(EVALUATE))
+    (metrics / "train.json").write_text(json.dumps({"train_loss": 2.41, "eval_loss": 2.55}))
+    live = tmp / "live" / "plots" / "metrics"
+    for name, rows in (("train", "5\t3.1\n10\t2.6\n15\t2.4\n"), ("eval", "10\t2.7\n20\t2.55\n")):
+        (live / name).mkdir(parents=True)
+        (live / name / "loss.tsv").write_text("step\tloss\n" + rows)
+    return {"adapter": adapter, "merged": tmp / "merged", "metrics": metrics,
+            "plots": tmp / "live"}
+
+
+def _build(inputs: dict[str, Path], out: Path) -> dict:
+    params = adapter_params(BASE_REL, **{"package.include_merged": True})
+    with contextlib.chdir(ROOT):  # stages run from the project root (base path, dvc.lock)
+        return packaging.build_package(params, inputs["adapter"], inputs["merged"],
+                                       inputs["metrics"], inputs["plots"], out,
+                                       data_meta_path=out.parent / "no-data-meta.json")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("package")
+    inputs = _inputs(tmp, tiny_model)
+    return inputs, _build(inputs, tmp / "package"), tmp / "package"
+
+
+@pytest.mark.slow
+def test_package_contents(built):
+    _, manifest, pkg = built
+    assert set(manifest["files"]) | {"manifest.json"} == EXPECTED
+    assert {p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file()} == EXPECTED
+    config = json.loads((pkg / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BASE_REL
+    generation = json.loads((pkg / "generation_config.json").read_text())
+    assert (generation["max_new_tokens"], generation["do_sample"]) == (12, False)
+    assert "temperature" not in generation  # greedy: sampling knobs are not written
+    card = (pkg / "README.md").read_text()
+    for text in ("Not a medical device", "without clinician review", "14.8 [11, 18.7]",
+                 "0.7 [0.5, 0.9]", "Merge parity", "**passed**", "images/loss_curve.png",
+                 "PeftModel.from_pretrained", "base_model: models/tiny-med-llama"):
+        assert text in card, text
+    lineage = manifest["lineage"]
+    assert lineage["base"]["id"] == str(ROOT / BASE_REL) and lineage["merged"]["into"] == \
+        "dequantized"
+    assert lineage["libraries"]["peft"] and lineage["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"].values())
+
+
+@pytest.mark.slow
+def test_rebuild_gives_identical_manifest(built, tmp_path):
+    inputs, manifest, pkg = built
+    again = _build(inputs, tmp_path / "package")
+    assert again == manifest
+    assert (tmp_path / "package/manifest.json").read_bytes() == (pkg / "manifest.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_verify_names_every_altered_missing_or_extra_file(built, tmp_path):
+    _, manifest, pkg = built
+    assert packaging.verify(pkg) == []
+    for rel in sorted(EXPECTED):  # one changed byte in any file, the manifest included
+        copy = tmp_path / rel.replace("/", "_")
+        shutil.copytree(pkg, copy)
+        data = bytearray((copy / rel).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / rel).write_bytes(bytes(data))
+        problems = packaging.verify(copy)
+        assert len(problems) == 1 and problems[0].startswith(f"altered: {rel} "), (rel, problems)
+        shutil.rmtree(copy)
+    copy = tmp_path / "missing_extra"
+    shutil.copytree(pkg, copy)
+    (copy / "merged" / "model.safetensors").unlink()
+    (copy / "notes.txt").write_text("x")
+    assert packaging.verify(copy) == ["missing: merged/model.safetensors", "extra: notes.txt"]
+    proc = run([sys.executable, "-m", "medqlora.cli", "verify", str(copy)], ROOT, check=False)
+    assert proc.returncode == 1
+    assert "missing: merged/model.safetensors" in proc.stderr and "extra: notes.txt" in proc.stderr
+    proc = run([sys.executable, "-m", "medqlora.cli", "verify", str(pkg)], ROOT)
+    assert proc.stdout.strip() == f"{pkg}: verified"
+
+
+@pytest.mark.slow
+def test_reference_loading_code_from_root_and_pulled_folder(built, tmp_path):
+    _, _, pkg = built
+    script = tmp_path / "load.py"
+    script.write_text(REFERENCE_CODE)
+    proc = run([sys.executable, str(script), str(pkg)], ROOT)
+    assert "BASE models/tiny-med-llama" in proc.stdout and "NEW_TOKENS" in proc.stdout
+    # A deployment folder: the package and the base pulled side by side, as docs/deploy.md shows.
+    deploy = tmp_path / "deploy"
+    shutil.copytree(pkg, deploy / "artifacts" / "package")
+    shutil.copytree(ROOT / BASE_REL, deploy / BASE_REL)
+    proc = run([sys.executable, str(script), "artifacts/package"], deploy)
+    new = int(proc.stdout.split("NEW_TOKENS")[1].split()[0])
+    assert 1 <= new <= 8
+
+
+@pytest.mark.slow
+def test_generate_cli_answers_and_refuses_tampered_package(built, tmp_path):
+    _, _, pkg = built
+    proc = run([sys.executable, "-m", "medqlora.cli", "generate", "--package", str(pkg),
+                "--prompt", "What is anaemia?", "--stats"], ROOT)
+    assert proc.stdout.strip(), "no answer printed"
+    assert "tokens/s" in proc.stderr and "peak memory" in proc.stderr
+    merged = run([sys.executable, "-m", "medqlora.cli", "generate", "--package", str(pkg),
+                  "--prompt", "What is anaemia?", "--merged"], ROOT)
+    assert merged.stdout.strip()
+    bad = tmp_path / "bad"
+    shutil.copytree(pkg, bad)
+    (bad / "generation_config.json").write_text("{}")
+    proc = run([sys.executable, "-m", "medqlora.cli", "generate", "--package", str(bad),
+                "--prompt", "x"], ROOT, check=False)
+    assert proc.returncode == 1 and "altered: generation_config.json" in proc.stderr
+    assert "refusing" in proc.stderr
