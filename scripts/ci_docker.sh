@@ -40,6 +40,7 @@ medqlora_start_dockerd() {
     export MEDQLORA_DOCKERD_PID
     export DOCKER_HOST="unix://$MEDQLORA_DOCKER_DIR/docker.sock"
     export DOCKER_BUILDKIT=0  # the classic builder: 20.10's engine, no buildx plugin needed
+    export MEDQLORA_REQUIRE_DOCKER=1  # tests/test_container.py fails instead of skipping
     for _ in $(seq 1 120); do
         if docker version >/dev/null 2>&1; then
             echo "ci_docker: dockerd up in $((SECONDS - t0)) s ($DOCKER_HOST)"
