@@ -305,6 +305,21 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
+def final_eval_loss(trainer) -> float:
+    """Validation loss of the weights being saved, without a redundant extra pass.
+
+    With load_best_model_at_end those are the best checkpoint's (state.best_metric); else the
+    evaluation logged at the final step when there was one; else one more evaluation.
+    """
+    state = trainer.state
+    if trainer.args.load_best_model_at_end and state.best_metric is not None:
+        return float(state.best_metric)
+    evals = [e for e in state.log_history if "eval_loss" in e]
+    if evals and evals[-1].get("step") == state.global_step:
+        return float(evals[-1]["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
+
+
 def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str) -> dict:
     """metrics/train.json: final losses, steps, throughput, memory, parameter counts."""
     state = trainer.state
@@ -314,7 +329,7 @@ def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str
     losses = [e["loss"] for e in history if "loss" in e] or [
         e["train_loss"] for e in history if "train_loss" in e]
     evals = [e["eval_loss"] for e in history if "eval_loss" in e]
-    final_eval = trainer.evaluate()["eval_loss"]
+    final_eval = final_eval_loss(trainer)
     tokens_at_resume = 0
     if resumed_from is not None:
         tokens_at_resume = json.loads((Path(resumed_from) / "trainer_state.json").read_text()

@@ -42,7 +42,8 @@ PROMPT = "### Instruction:\nWhat is {}?\n\n### Response:\n"
 SHORT = {"train.max_steps": -1, "train.num_train_epochs": 1.5,
          "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2,
          "train.learning_rate": 0.01, "train.warmup_ratio": 0.1, "train.logging_steps": 1,
-         "train.eval_steps": 3, "train.save_steps": 3, "train.early_stopping_patience": 3}
+         "train.eval_steps": 3, "train.save_steps": 3, "train.early_stopping_patience": 3,
+         "train.gradient_checkpointing": True}  # the reference recipe's path (use_reentrant False)
 TRAIN_ROWS = 26
 
 
