@@ -261,11 +261,14 @@ def _run(client, spec: dict[str, Any], stage_name: str) -> int:
 
 def run_in_container(runner: RunnerParams, stage_name: str, argv: list[str]) -> int:
     """Run `python <argv[0]> <argv[1:]>` in the project image; return its exit code."""
-    image = runner.image or image_tag()
+    # The workspace's own Dockerfile + lock define the image it needs (a checkout of another
+    # commit may need another tag); outside a project checkout, this package's.
+    cwd = Path.cwd()
+    image = runner.image or image_tag(cwd if (cwd / TAG_FILES[0]).is_file() else ROOT)
     try:
         client = docker_client()
         require_image(client, image)
-        spec = container_spec(runner, stage_name, list(argv), image=image, cwd=Path.cwd(),
+        spec = container_spec(runner, stage_name, list(argv), image=image, cwd=cwd,
                               environ=dict(os.environ), uid=os.getuid(), gid=os.getgid())
         log.info("%s: running in %s as %s (gpus %s, network %s)", stage_name, image, spec["user"],
                  runner.gpus, runner.network)
