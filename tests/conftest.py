@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-med-llama"
 # What a fresh clone holds: copied into temp workspaces for pipeline tests.
 WORKSPACE_ITEMS = ("params.yaml", "dvc.yaml", "schema", "stages", "medqlora", "data/raw",
+                   "data/DATA_CARD.md",
                    "models/tiny-med-llama", "examples", "containers", "pyproject.toml",
                    "requirements.lock", ".dvc/config", ".dvcignore")
 
@@ -87,3 +88,25 @@ def tiny_model() -> Path:
     if not (TINY_MODEL / "config.json").is_file():
         pytest.fail(f"{TINY_MODEL} missing: run `make model`")
     return TINY_MODEL
+
+
+BASELINE_TAG = "v1.0.0"
+
+
+@pytest.fixture(scope="session")
+def pipeline_workspace(tmp_path_factory) -> Path:
+    """A fresh-clone-like workspace after one full `dvc repro`, committed and tagged.
+
+    The baseline commit is tagged `v1.0.0` (and `medqlora-tiny-med@v1.0.0`, the artifact
+    version tag `dvc artifacts get` understands); its package manifest is kept in
+    `baseline_manifest.json` beside the workspace, since later tests run experiments in it.
+    """
+    ws = make_workspace(tmp_path_factory.mktemp("pipeline") / "repo")
+    first = run(["dvc", "repro"], ws)
+    (ws.parent / "first_repro.log").write_text(first.stdout + first.stderr, encoding="utf-8")
+    run(["git", "add", "-A"], ws)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], ws)
+    run(["git", "tag", BASELINE_TAG], ws)
+    run(["git", "tag", f"medqlora-tiny-med@{BASELINE_TAG}"], ws)
+    shutil.copy2(ws / "artifacts/package/manifest.json", ws.parent / "baseline_manifest.json")
+    return ws
