@@ -107,6 +107,8 @@ def pipeline_workspace(tmp_path_factory) -> Path:
     run(["git", "add", "-A"], ws)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], ws)
     run(["git", "tag", BASELINE_TAG], ws)
-    run(["git", "tag", f"medqlora-tiny-med@{BASELINE_TAG}"], ws)
+    # `dvc artifacts get` only sees annotated tags.
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "tag", "-a",
+         f"medqlora-tiny-med@{BASELINE_TAG}", "-m", f"medqlora-tiny-med {BASELINE_TAG}"], ws)
     shutil.copy2(ws / "artifacts/package/manifest.json", ws.parent / "baseline_manifest.json")
     return ws
