@@ -4,6 +4,8 @@
     medqlora verify DIR           exit 0 when a package matches its manifest, 1 naming each
                                   missing, extra or altered file
     medqlora generate --package DIR (--prompt TEXT | --file JSONL) [--merged] [--stats]
+    medqlora preflight [PATH]     estimated peak GPU memory of the train run; exit 3 when it
+                                  exceeds train.memory_budget_gib or the visible GPU
 """
 from __future__ import annotations
 
@@ -67,6 +69,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Estimate the train run's peak GPU memory; refuse (exit 3) when it will not fit."""
+    from medqlora.memory import EXIT_WONT_FIT, preflight
+    try:
+        params = load_params(args.path)
+    except ParamsError as err:
+        print("\n".join(err.problems), file=sys.stderr)
+        return EXIT_INVALID
+    verdict = preflight(params)
+    print("\n".join(verdict.lines), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if verdict.ok else EXIT_WONT_FIT
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medqlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--merged", action="store_true", help="use merged/ instead of base + adapter")
     gen.add_argument("--stats", action="store_true", help="print tokens/s and peak memory")
     gen.set_defaults(func=cmd_generate)
+    pre = sub.add_parser("preflight", help="estimate the train run's peak GPU memory")
+    pre.add_argument("path", nargs="?", default="params.yaml")
+    pre.set_defaults(func=cmd_preflight)
     return parser
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medqlora import checkpoints, fastpath, modeling
+from medqlora import checkpoints, fastpath, memory, modeling
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.provenance import write_meta
@@ -393,6 +393,9 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     """The whole train stage; returns the metrics written to `metrics_path`."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     precision = modeling.resolve_precision(params.quantization, params.train.mixed_precision)
+    # --- preflight (medqlora/memory.py): exit 3 before loading anything when it won't fit ---
+    memory.check(params)
+    # --- end preflight ---
     data = load_data(data_dir)
     base = base_info(params)  # hashed once: it names the checkpoint folder and goes in meta.json
     key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base},

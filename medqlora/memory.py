@@ -1,0 +1,341 @@
+"""Preflight: the peak GPU memory of the configured train run, estimated before anything loads.
+
+    medqlora preflight params.yaml       # table of components -> GiB, exit 3 when it won't fit
+
+Only the base's config.json is read (a local folder, or the Hugging Face cache for a hub id;
+nothing is downloaded). The model, per component, for T = per_device_train_batch_size x
+data.max_seq_length tokens per micro-batch (the longest a micro-batch can be):
+
+- 4-bit weights: every decoder Linear at 0.5 byte/param + its quantization constants (one
+  absmax per 64-value block: fp32 = 0.5 bit/param; with double quant an 8-bit absmax plus one
+  fp32 per 256 blocks = 0.127 bit/param).
+- frozen non-quantized params (embeddings, lm_head, norms): peft's
+  prepare_model_for_kbit_training upcasts them to fp32; the fast path's
+  frozen_in_compute_dtype keeps them in bf16. Under bf16 autocast an fp32 lm_head is also cast
+  to a bf16 copy that is cached for backward (vocab x hidden x 2 bytes).
+- LoRA: r x (in + out) per adapted Linear, fp32 weight + fp32 grad + optimizer state (AdamW
+  2 x fp32 = 8 bytes; bitsandbytes 8-bit: 2 bytes).
+- activations. The residual stream is fp32 after peft's upcast (bnb's Linear4bit returns its
+  input's dtype), bf16 with frozen_in_compute_dtype. One decoder layer keeps, per token,
+  13 hidden + 3 kv + 5 intermediate values for backward (norm in/out x2, three LoRA dropout
+  copies, q/k/v, rotated q/k, attention out, o-proj dropout, gate/up outputs, silu, product,
+  down dropout; sdpa/flash keep no seq x seq matrix). With the fast path's fused kernels
+  it is the bench-calibrated 8 hidden + 3.5 intermediate bf16 values
+  (medqlora.fastpath.layer_activation_bytes). With checkpointing only the L + 1 layer
+  boundaries are kept, plus one layer's working set while it is recomputed; without, every
+  layer's working set is live when the logits are.
+- logits + loss: bf16 logits -> fp32 copy -> log_softmax output (kept); backward adds its
+  gradient and the input gradient: peak 12 bytes x T x vocab. The fused linear
+  cross-entropy (fast path) only holds one chunk of T / ceil(vocab / hidden) tokens' logits
+  and their gradient, plus the hidden-state gradient.
+  With checkpointing the logits peak and a layer's recompute never coexist (the loss backward
+  ends before the last layer is recomputed), so the activations peak is
+  boundaries + max(layer, logits); without checkpointing it is layers + logits.
+- CUDA context + allocator: a constant, not part of torch's "allocated" memory (the bench
+  measures max_memory_allocated, so bench/preflight_vs_measured.md compares without it).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+BLOCK = 64                    # bitsandbytes 4-bit blocksize
+NESTED_BLOCK = 256            # double quant: blocks of absmax values per fp32 constant
+CUDA_CONTEXT_GIB = 0.5        # context + cuBLAS workspace + allocator slack outside torch's count
+EXIT_WONT_FIT = 3
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIM_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8,
+                     "paged_adamw_8bit": 2, "adamw_8bit": 2, "sgd": 0, "adafactor": 0}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+class CannotEstimate(Exception):
+    """The base's config.json is not readable offline (hub id not in the local cache)."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes that decide memory, from a Llama/Mistral-style config.json."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "Arch":
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return cls(hidden, int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"]), heads,
+                   int(cfg.get("num_key_value_heads") or heads),
+                   int(cfg.get("head_dim") or hidden // heads), int(cfg["vocab_size"]),
+                   bool(cfg.get("tie_word_embeddings", False)))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each decoder projection."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, \
+            self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The knobs of a run that memory depends on (built from Params by `setup_from`)."""
+    batch: int
+    seq: int
+    load_in_4bit: bool = True
+    double_quant: bool = True
+    compute_bytes: int = 2
+    r: int = 64
+    targets: tuple[str, ...] = PROJECTIONS
+    optim: str = "adamw_torch"
+    checkpointing: bool = True
+    fast_frozen_bf16: bool = False
+    fast_kernels: bool = False
+    fused_ce: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclass
+class Estimate:
+    """Bytes per component; `peak` is what torch allocates at its highest point."""
+    rows: dict[str, int] = field(default_factory=dict)
+    peak: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Peak allocated + the CUDA context constant: what the device must hold."""
+        return self.peak + int(CUDA_CONTEXT_GIB * GIB)
+
+
+# ---------------------------------------------------------------- the arithmetic
+
+def quantized_bytes(numel: int, double_quant: bool) -> int:
+    """One 4-bit tensor: packed values + absmax constants.
+
+    E.g. 4096 x 4096 = 16,777,216 params -> 8,388,608 bytes of nf4 + 262,144 blocks of 64;
+    fp32 absmax: 1,048,576 bytes (0.5 bit/param); double quant: 262,144 one-byte absmax +
+    1,024 fp32 second-level constants + a 4-byte offset = 266,244 bytes (0.127 bit/param).
+    """
+    blocks = math.ceil(numel / BLOCK)
+    constants = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + constants
+
+
+def lora_params(arch: Arch, r: int, targets: tuple[str, ...]) -> int:
+    """Exact adapter size: r x (in + out) for every adapted projection of every layer."""
+    shapes = arch.linear_shapes()
+    return arch.layers * sum(r * sum(shapes[name]) for name in targets if name in shapes)
+
+
+def layer_working_bytes(arch: Arch, setup: Setup) -> int:
+    """What one decoder layer keeps for its backward pass (see the module docstring)."""
+    if setup.fast_kernels:
+        from medqlora.fastpath import layer_activation_bytes
+        return layer_activation_bytes(setup.tokens, arch.hidden, arch.intermediate)
+    act = 2 if setup.fast_frozen_bf16 or not setup.load_in_4bit else 4
+    kv = arch.kv_heads * arch.head_dim
+    return setup.tokens * act * (13 * arch.hidden + 3 * kv + 5 * arch.intermediate)
+
+
+def logits_bytes(arch: Arch, setup: Setup) -> int:
+    """Logits and loss at their peak (12 bytes x tokens x vocab, or one fused-CE chunk)."""
+    if setup.fused_ce:
+        chunk = math.ceil(setup.tokens / math.ceil(arch.vocab / arch.hidden))
+        return chunk * arch.vocab * 4 * 2 + setup.tokens * arch.hidden * 2
+    return 12 * setup.tokens * arch.vocab
+
+
+def estimate(arch: Arch, setup: Setup) -> Estimate:
+    """Peak memory of one training step, by component."""
+    out = Estimate()
+    shapes = arch.linear_shapes()
+    linear = [i * o for i, o in shapes.values()] * arch.layers
+    if setup.load_in_4bit:
+        out.rows["4-bit weights + quant constants"] = sum(
+            quantized_bytes(n, setup.double_quant) for n in linear)
+    else:
+        out.rows["frozen linear weights"] = sum(linear) * setup.compute_bytes
+    frozen = arch.vocab * arch.hidden * (1 if arch.tied else 2) + (2 * arch.layers + 1) * arch.hidden
+    upcast = setup.load_in_4bit and not setup.fast_frozen_bf16  # peft's fp32 upcast
+    out.rows["embeddings, lm_head, norms"] = frozen * (4 if upcast else setup.compute_bytes)
+    if upcast and setup.compute_bytes == 2:  # autocast caches a bf16 copy of the fp32 head
+        out.rows["lm_head autocast copy"] = arch.vocab * arch.hidden * 2
+    lora = lora_params(arch, setup.r, setup.targets)
+    out.rows["LoRA weights + grads (fp32)"] = lora * 8
+    out.rows[f"optimizer state ({setup.optim})"] = lora * OPTIM_STATE_BYTES.get(setup.optim, 8)
+    resid = 4 if upcast else 2
+    layer = layer_working_bytes(arch, setup)
+    logits = logits_bytes(arch, setup)
+    if setup.checkpointing:
+        out.rows["activations: layer boundaries"] = (arch.layers + 1) * setup.tokens * \
+            arch.hidden * resid
+        out.rows["activations: one layer recomputed"] = layer
+    else:
+        out.rows["activations: all layers"] = arch.layers * layer
+    out.rows["logits + loss"] = logits
+    fixed = sum(v for k, v in out.rows.items() if not k.startswith(("activations", "logits")))
+    if setup.checkpointing:
+        act = out.rows["activations: layer boundaries"] + max(layer, logits)
+        out.notes.append("peak counts max(one layer recomputed, logits + loss): they are never "
+                         "live together")
+    else:
+        act = out.rows["activations: all layers"] + logits
+    out.peak = fixed + act
+    out.rows["CUDA context + allocator"] = int(CUDA_CONTEXT_GIB * GIB)
+    unknown = [t for t in setup.targets if t not in shapes]
+    if unknown:
+        out.notes.append(f"lora.target_modules {unknown} not counted (not a Llama/Mistral "
+                         "projection name)")
+    return out
+
+
+# ---------------------------------------------------------------- from params
+
+def setup_from(params, device: str = "cuda") -> Setup:
+    """The Setup of a Params as it would run on `device` (fast path auto = on for CUDA)."""
+    from medqlora.fastpath import resolve
+    t, q, fast = params.train, params.quantization, params.train.fast_path
+    plan = resolve(fast, device)
+    if device == "cuda" and fast.enabled != "off":
+        # Planned on a host without liger-kernel: assume the GPU image has it (it does).
+        plan = replace(plan, fused_kernels=fast.fused_kernels,
+                       fused_cross_entropy=fast.fused_cross_entropy)
+    targets = PROJECTIONS if params.lora.target_modules == "all-linear" else \
+        tuple(params.lora.target_modules)
+    return Setup(
+        batch=t.per_device_train_batch_size, seq=params.data.max_seq_length,
+        load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
+        compute_bytes=DTYPE_BYTES[q.bnb_4bit_compute_dtype], r=params.lora.r, targets=targets,
+        optim=t.optim, checkpointing=t.gradient_checkpointing and plan.checkpoint_policy != "none",
+        fast_frozen_bf16=plan.frozen_in_compute_dtype, fast_kernels=plan.fused_kernels,
+        fused_ce=plan.fused_cross_entropy)
+
+
+def read_model_config(model) -> dict[str, Any]:
+    """config.json of model.base: a local folder, or the HF cache for a hub id (offline)."""
+    local = Path(model.base) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(model.base, "config.json", revision=model.revision)
+    except Exception as err:  # an id huggingface_hub rejects: no cache entry either
+        raise CannotEstimate(f"model.base: {model.base}: {err}") from None
+    if not isinstance(cached, str):
+        raise CannotEstimate(f"model.base: {model.base} is not a local folder and its "
+                             "config.json is not in the Hugging Face cache; cannot estimate "
+                             "memory offline")
+    return json.loads(Path(cached).read_text(encoding="utf-8"))
+
+
+def fits(arch: Arch, setup: Setup, limit: int) -> bool:
+    return estimate(arch, setup).total <= limit
+
+
+def advice(arch: Arch, setup: Setup, limit: int, accum: int) -> list[str]:
+    """Single knob changes that would fit under `limit`, most useful first."""
+    hints = []
+    if not setup.checkpointing and fits(arch, replace(setup, checkpointing=True), limit):
+        hints.append("enable train.gradient_checkpointing (true) would fit")
+    batch = setup.batch // 2
+    while batch >= 1 and not fits(arch, replace(setup, batch=batch), limit):
+        batch //= 2
+    if batch >= 1:
+        factor = setup.batch // batch
+        hints.append(f"train.per_device_train_batch_size: {setup.batch} -> {batch} would fit "
+                     f"(gradient_accumulation_steps {accum} -> {accum * factor} keeps the "
+                     "effective batch)")
+    seq = setup.seq // 2
+    while seq >= 64 and not fits(arch, replace(setup, seq=seq), limit):
+        seq //= 2
+    if seq >= 64:
+        hints.append(f"data.max_seq_length: {setup.seq} -> {seq} would fit")
+    if not hints:
+        hints.append(f"even train.per_device_train_batch_size 1 needs "
+                     f"{estimate(arch, replace(setup, batch=1)).total / GIB:.1f} GiB: lower "
+                     "lora.r, use an 8-bit optimizer (train.optim: paged_adamw_8bit) or a "
+                     "larger GPU")
+    return hints
+
+
+def device_limit(budget_gib: float | None) -> tuple[int | None, str]:
+    """The limit that applies: train.memory_budget_gib, else the visible GPU's memory."""
+    if budget_gib is not None:
+        return int(budget_gib * GIB), f"train.memory_budget_gib = {budget_gib:g} GiB"
+    import torch
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        return total, f"{torch.cuda.get_device_name(0)} ({total / GIB:.1f} GiB)"
+    return None, "no GPU and no train.memory_budget_gib"
+
+
+def table(est: Estimate) -> str:
+    """Component -> GiB, then the peak and the total."""
+    width = max(len(k) for k in est.rows) + 2
+    lines = [f"{name:<{width}}{value / GIB:9.3f} GiB" for name, value in est.rows.items()]
+    lines.append(f"{'peak allocated (torch)':<{width}}{est.peak / GIB:9.3f} GiB")
+    lines.append(f"{'total':<{width}}{est.total / GIB:9.3f} GiB")
+    return "\n".join(lines + [f"note: {n}" for n in est.notes])
+
+
+@dataclass
+class Verdict:
+    """Outcome of a preflight: the report lines and whether the run may start."""
+    ok: bool
+    lines: list[str]
+    estimate: Estimate | None = None
+
+
+def preflight(params) -> Verdict:
+    """Estimate, compare with the limit, and name the knob to turn when it will not fit."""
+    try:
+        arch = Arch.from_config(read_model_config(params.model))
+    except CannotEstimate as err:
+        return Verdict(True, [f"warning: {err}"])
+    except KeyError as err:
+        return Verdict(True, [f"warning: model.base: config.json has no {err}; cannot estimate"])
+    setup = setup_from(params, "cuda")
+    est = estimate(arch, setup)
+    lines = [f"preflight: {params.model.base}, {setup.batch} x {setup.seq} tokens per "
+             f"micro-batch, LoRA r={setup.r}, checkpointing={setup.checkpointing}",
+             table(est)]
+    limit, what = device_limit(params.train.memory_budget_gib)
+    if limit is None:
+        lines.append(f"no limit to check against ({what})")
+        return Verdict(True, lines, est)
+    if est.total <= limit:
+        lines.append(f"fits: {est.total / GIB:.2f} GiB <= {what}")
+        return Verdict(True, lines, est)
+    lines.append(f"will not fit: estimated {est.total / GIB:.2f} GiB > {what}")
+    lines += [f"  {hint}" for hint in advice(arch, setup, limit,
+                                             params.train.gradient_accumulation_steps)]
+    return Verdict(False, lines, est)
+
+
+def check(params) -> None:
+    """The train stage's preflight: log the estimate; exit 3 naming the knob when it won't fit."""
+    import logging
+    import sys
+    verdict = preflight(params)
+    log = logging.getLogger(__name__)
+    for line in "\n".join(verdict.lines).splitlines():
+        level = logging.WARNING if line.startswith("warning") else (
+            logging.INFO if verdict.ok else logging.ERROR)
+        log.log(level, line)
+    if not verdict.ok:
+        print("train: refusing to start, the estimated peak memory exceeds the limit; change "
+              "one of the settings above (`medqlora preflight` re-checks)", file=sys.stderr)
+        raise SystemExit(EXIT_WONT_FIT)
