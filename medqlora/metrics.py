@@ -205,3 +205,36 @@ def bleu_ci(hypotheses: Sequence[str], references: Sequence[str], samples: int,
     """Bootstrap 95% interval of corpus BLEU, recomputed on every resample of items."""
     stats = bleu_statistics(hypotheses, references)
     return bootstrap_ci(len(stats), lambda idx: bleu_from_statistics(stats[idx]), samples, seed)
+
+
+# ---------------------------------------------------------------- contamination
+
+_WORD = re.compile(r"\w+")
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Word n-grams of NFKC-normalised, casefolded text (punctuation and spacing ignored)."""
+    words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def contamination(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) -> dict:
+    """How much of each test item also appears in training data, as shared word n-grams.
+
+    Per item: overlap = share of its n-grams found anywhere in the train texts (an item
+    shorter than n words has none and counts as clean). Reports how many items share at least
+    one n-gram, their share of the test set and the largest per-item overlap.
+    E.g. 10 items, 2 sharing n-grams with train, one of them 6 of its 12: k=2, share 0.2,
+    max_overlap 0.5.
+    """
+    seen: set[tuple[str, ...]] = set()
+    for text in train_texts:
+        seen |= ngrams(text, n)
+    overlaps = []
+    for text in test_texts:
+        grams = ngrams(text, n)
+        overlaps.append(len(grams & seen) / len(grams) if grams else 0.0)
+    hits = sum(o > 0 for o in overlaps)
+    return {"ngram": n, "items_with_overlap": hits,
+            "share": hits / len(overlaps) if overlaps else 0.0,
+            "max_overlap": max(overlaps, default=0.0)}
