@@ -90,6 +90,8 @@ def _read_jsonl(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(text)
         except json.JSONDecodeError as err:
             yield number, _Invalid("invalid_json", f"broken JSON ({err.msg} at column {err.colno})")
+        except RecursionError:  # found by hypothesis: thousands of nested brackets
+            yield number, _Invalid("invalid_json", "JSON nested too deeply to read")
 
 
 def _read_json(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
@@ -116,6 +118,9 @@ def _read_json(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as err:
             raise DataError([f"{shown}:{err.lineno}: broken JSON ({err.msg} at column "
                              f"{err.colno}); the records after it cannot be read"]) from None
+        except RecursionError:
+            raise DataError([f"{shown}:{_line_of(text, pos)}: JSON nested too deeply to read; "
+                             "the records after it cannot be read"]) from None
         yield _line_of(text, pos), obj
         pos = end
 
@@ -147,7 +152,7 @@ def _csv_value(cell: str) -> Any:
     if stripped[:1] in "[{":
         try:
             return json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return cell
     return cell
 
@@ -247,7 +252,7 @@ def _chat(rec: dict, source: str) -> Example:
             raise _Invalid("wrong_type", f"messages[{i}] must be an object")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list role is unhashable
             raise _Invalid("invalid_messages", f"messages[{i}] role must be one of "
                                                f"{', '.join(sorted(ROLES))}")
         if not isinstance(content, str):
