@@ -10,6 +10,13 @@ load (safetensors) and its optimizer, scheduler and RNG states load. A run kille
 writing one (kill -9, full disk) leaves a partial folder; it is moved aside with a warning
 naming it, and the newest complete one is used instead.
 
+Several processes (medqlora/launch.py) write other layouts, accepted too: DDP writes one
+rng_state_<rank>.pth per process; FSDP (SHARDED_STATE_DICT) writes the adapter and the
+optimizer as torch.distributed.checkpoint folders `pytorch_model_fsdp_0/` and `optimizer_0/`
+(shards `*.distcp` + `.metadata`). DCP writes `.metadata` last (a temp file renamed once every
+rank's shards are written), so its presence with the shards means the save finished; it is
+pickled, so we check its presence, not its contents. Only rank 0 moves incomplete folders.
+
 Pickle containment: the Trainer writes optimizer.pt / scheduler.pt / rng_state.pth with
 torch.save. transformers 5 reads them back with `torch.load(weights_only=True)` (inside its
 `safe_globals()` allow-list for the numpy RNG state), i.e. PyTorch's restricted unpickler
@@ -21,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -29,6 +37,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SKIPPED = "skipped"
+FSDP_MODEL = "pytorch_model_fsdp"  # transformers.trainer.FSDP_MODEL_NAME
 # Keys that change how a run is saved, logged or scheduled on this machine, not its weights:
 # changing them keeps resuming the same run.
 NOT_FINGERPRINTED = ("save_total_limit", "adaptive_batch_size", "memory_budget_gib",
@@ -59,18 +68,55 @@ def _torch_state_loads(path: Path) -> None:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def _dcp_complete(folder: Path) -> None:
+    """A torch.distributed.checkpoint folder whose save finished (see the module docstring)."""
+    shards = list(folder.glob("*.distcp"))
+    if not (folder / ".metadata").is_file() or not shards:
+        raise FileNotFoundError(2, "no .metadata or shards", str(folder))
+    empty = [p.name for p in shards if p.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"{folder.name}: empty shard(s) {', '.join(empty)}")
+
+
+def _weights_load(ckpt: Path) -> None:
+    """The adapter weights: safetensors, or FSDP's sharded folder."""
+    from safetensors import safe_open
+    sharded = ckpt / f"{FSDP_MODEL}_0"
+    if sharded.is_dir() and not (ckpt / "adapter_model.safetensors").is_file():
+        _dcp_complete(sharded)
+        return
+    with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            handle.get_tensor(key)
+
+
+def _optimizer_loads(ckpt: Path) -> None:
+    """optimizer.pt (one process, DDP), FSDP's optimizer_0/ folder or optimizer.bin (full)."""
+    if (ckpt / "optimizer_0").is_dir():
+        _dcp_complete(ckpt / "optimizer_0")
+    elif (ckpt / "optimizer.bin").is_file():
+        _torch_state_loads(ckpt / "optimizer.bin")
+    else:
+        _torch_state_loads(ckpt / "optimizer.pt")
+
+
+def _rng_states_load(ckpt: Path) -> None:
+    """rng_state.pth (one process) or rng_state_<rank>.pth for every rank (several)."""
+    per_rank = sorted(ckpt.glob("rng_state_*.pth"))
+    for path in per_rank or [ckpt / "rng_state.pth"]:
+        _torch_state_loads(path)
+
+
 def problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from, or None when it is complete."""
-    from safetensors import safe_open
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         if "global_step" not in state:
             return "trainer_state.json has no global_step"
-        with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_tensor(key)
-        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-            _torch_state_loads(ckpt / name)
+        _weights_load(ckpt)
+        _optimizer_loads(ckpt)
+        _torch_state_loads(ckpt / "scheduler.pt")
+        _rng_states_load(ckpt)
     except FileNotFoundError as err:
         return f"missing {Path(err.filename).name if err.filename else err}"
     except Exception as err:  # noqa: BLE001 - any failure to load means "not resumable"
@@ -84,6 +130,8 @@ def latest_complete(run_dir: Path) -> Path | None:
         why = problem(ckpt)
         if why is None:
             return ckpt
+        if os.environ.get("RANK", "0") != "0":
+            continue  # rank 0 moves it; every rank skips the same folder
         # Moved out of the checkpoint-N namespace so the Trainer's rotation (which counts
         # checkpoint-* folders) can neither pick it nor delete a good one because of it.
         dest = run_dir / SKIPPED / f"{ckpt.name}-{int(time.time())}"

@@ -334,6 +334,39 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
     if _number(procs) and _number(machines) and procs < machines:
         problems.append(f"runner.distributed.num_processes: {procs} is fewer than num_machines "
                         f"({machines})")
+    problems.extend(_distributed_rules(doc, dist))
+    return problems
+
+
+def _distributed_rules(doc: dict[str, Any], dist: dict[str, Any]) -> list[str]:
+    """Several processes (medqlora/launch.py): what must agree with runner.distributed."""
+    problems = []
+    procs, machines = dist.get("num_processes", 1), dist.get("num_machines", 1)
+    if not (_number(procs) and procs > 1):
+        return problems
+    if _number(machines) and machines > 0 and procs % machines:
+        problems.append(f"runner.distributed.num_processes: {procs} must be a multiple of "
+                        f"num_machines ({machines}): the same GPU count on every host")
+    accum = _mapping(doc, "train").get("gradient_accumulation_steps", 1)
+    if dist.get("keep_effective_batch", True) and _number(accum) and accum % procs:
+        problems.append(f"train.gradient_accumulation_steps: {accum} is not divisible by "
+                        f"runner.distributed.num_processes ({procs}) while "
+                        "runner.distributed.keep_effective_batch is true; make it a multiple of "
+                        f"{procs} or set keep_effective_batch: false")
+    quant = _mapping(doc, "quantization")
+    storage = quant.get("bnb_4bit_quant_storage", "uint8")
+    compute = quant.get("bnb_4bit_compute_dtype", "bfloat16")
+    if (dist.get("strategy") == "fsdp" and quant.get("load_in_4bit", True) is not False
+            and storage != compute):
+        problems.append(f"quantization.bnb_4bit_quant_storage: {storage} must equal "
+                        f"quantization.bnb_4bit_compute_dtype ({compute}) with "
+                        "runner.distributed.strategy fsdp (FSDP shards only float tensors of "
+                        f"one dtype); set bnb_4bit_quant_storage: {compute}")
+    runner = _mapping(doc, "runner")
+    if (_number(machines) and machines > 1 and runner.get("backend") == "docker"
+            and runner.get("network", "none") != "host"):
+        problems.append(f"runner.network: {runner.get('network', 'none')} cannot reach the other "
+                        "hosts; set runner.network: host with runner.distributed.num_machines > 1")
     return problems
 
 

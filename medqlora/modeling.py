@@ -7,6 +7,7 @@ still really quantized (bitsandbytes runs NF4 on CPU).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def load_tokenizer(model: ModelParams):
 def load_base(model: ModelParams, quant: QuantizationParams, precision: Precision):
     """The frozen base: NF4 through bitsandbytes when load_in_4bit, else the compute dtype."""
     from transformers import AutoModelForCausalLM
-    device_map = {"": 0} if precision.device == "cuda" else {"": "cpu"}
+    # One GPU per launched process (LOCAL_RANK, set by accelerate/torchrun; 0 when alone).
+    device_map = ({"": int(os.environ.get("LOCAL_RANK", "0"))} if precision.device == "cuda"
+                  else {"": "cpu"})
     config = bnb_config(quant, precision.compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(
         model.base,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medqlora import checkpoints, fastpath, memory, modeling
+from medqlora import checkpoints, fastpath, launch, memory, modeling
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.provenance import write_meta
@@ -37,16 +37,18 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # ---------------------------------------------------------------- arithmetic
 
 def total_optimizer_steps(rows: int, batch: int, accum: int, epochs: float,
-                          max_steps: int) -> int:
+                          max_steps: int, processes: int = 1) -> int:
     """Optimizer steps the Trainer will run, computed the way transformers 5 does.
 
     max_steps > 0 wins. Otherwise: micro-batches per epoch = ceil(rows / batch); optimizer
     steps per epoch = ceil(micro-batches / accum); total = ceil(epochs x steps per epoch).
     E.g. 1,000 rows / batch 8 = 125 micro-batches; / accum 2 = 63 steps; x 3 epochs = 189.
+    With several processes each takes every N-th micro-batch (accelerate shards the batches):
+    125 micro-batches / 2 processes = 63 each; / accum 1 = 63 steps, as 1 x accum 2.
     """
     if max_steps > 0:
         return max_steps
-    micro_batches = math.ceil(rows / batch)
+    micro_batches = math.ceil(math.ceil(rows / batch) / processes)
     per_epoch = max(math.ceil(micro_batches / accum), 1)
     return math.ceil(epochs * per_epoch)
 
@@ -131,7 +133,10 @@ def build_model(params: Params, precision: modeling.Precision):
         modeling.keep_4bit_layout_trainable(base)  # see its docstring: a bitsandbytes CPU trap
     checkpointing = params.train.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks frozen-input grads
-    if params.quantization.load_in_4bit:
+    # FSDP flattens each wrapped layer into one tensor of ONE dtype: peft's fp32 upcast of the
+    # norms would break that, so under FSDP the base stays in the storage/compute dtype (as
+    # TRL does for sharded QLoRA) and only checkpointing + input grads are set up.
+    if params.quantization.load_in_4bit and not launch.uses_fsdp(params):
         # Casts norms/embeddings to fp32 for stability and enables input grads.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
                                                gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -212,14 +217,22 @@ class Plan:
     warmup_steps: int
     optim: str
     notes: tuple[str, ...]
+    processes: int = 1  # launched processes (GPUs) training together
+
+    @property
+    def effective_batch(self) -> int:
+        """Sequences per optimizer step: micro x accumulation x processes."""
+        return self.batch * self.accum * self.processes
 
 
 def make_plan(params: Params, rows: int, device: str, batch: int, accum: int) -> Plan:
     """Batch, steps and warmup for one attempt."""
     t = params.train
-    total = total_optimizer_steps(rows, batch, accum, t.num_train_epochs, t.max_steps)
+    processes = launch.world_size()
+    total = total_optimizer_steps(rows, batch, accum, t.num_train_epochs, t.max_steps, processes)
     optim, notes = resolve_optim(t.optim, device)
-    return Plan(batch, accum, total, warmup_steps(t.warmup_ratio, total), optim, tuple(notes))
+    return Plan(batch, accum, total, warmup_steps(t.warmup_ratio, total), optim, tuple(notes),
+                processes)
 
 
 def training_args(params: Params, plan: Plan, precision: modeling.Precision, run_dir: Path,
@@ -248,6 +261,7 @@ def training_args(params: Params, plan: Plan, precision: modeling.Precision, run
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # several processes: every LoRA weight gets a grad
     )
 
 
@@ -264,7 +278,11 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
     # --- fast path (train.fast_path; medqlora/fastpath.py, measured by bench/bench_train.py) ---
-    model, collator, args = fastpath.apply(model, params, args, Collator(tokenizer.pad_token_id))
+    collator = Collator(tokenizer.pad_token_id)
+    if launch.uses_fsdp(params):  # its fused LoRA reads adapter weights FSDP keeps sharded
+        log.warning("train.fast_path: not applied under runner.distributed.strategy fsdp")
+    else:
+        model, collator, args = fastpath.apply(model, params, args, collator)
     # --- end fast path ---
     trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
                       data_collator=collator,
@@ -279,13 +297,16 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
 def fit_adaptive(params, precision, tokenizer, data, run_dir, live_dir):
     """fit(), halving the micro-batch and doubling accumulation on CUDA out-of-memory."""
     t = params.train
-    batch, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    # --- distributed: keep_effective_batch divides accumulation by the process count ---
+    batch, accum = t.per_device_train_batch_size, launch.accumulation(params, launch.world_size())
+    # --- end distributed ---
     while True:
         plan = make_plan(params, len(data[0]), precision.device, batch, accum)
         try:
             return (*fit(params, precision, tokenizer, data, run_dir, live_dir, plan), plan)
         except torch.cuda.OutOfMemoryError:
-            if not (t.adaptive_batch_size and precision.device == "cuda" and batch > 1):
+            if not (t.adaptive_batch_size and precision.device == "cuda" and batch > 1
+                    and launch.world_size() == 1):  # one rank retrying alone would hang the rest
                 raise
             log.warning("CUDA out of memory at per_device_train_batch_size=%d: retrying with "
                         "%d x %d accumulation (same effective batch %d); set "
@@ -345,9 +366,12 @@ def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str
         "tokens_seen": tokens,
         "tokens_per_second": (tokens - tokens_at_resume) / seconds if seconds else None,
         "peak_memory_gib": peak_memory_gib(device),
+        # every process's peak, rank order (collective: all ranks compute metrics)
+        "peak_memory_gib_per_process": launch.gather(peak_memory_gib(device)),
         "trainable_params": trainable,
         "total_params": total,
-        "effective_batch": plan.batch * plan.accum,
+        "effective_batch": plan.effective_batch,  # micro x accumulation x processes
+        "num_processes": plan.processes,
         "per_device_train_batch_size": plan.batch,
         "gradient_accumulation_steps": plan.accum,
         "warmup_steps": plan.warmup_steps,
@@ -364,14 +388,15 @@ def base_info(params: Params) -> dict[str, Any]:
 
 
 def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precision,
-                 plan: Plan, data_dir: Path, out_dir: Path, base: dict[str, Any]) -> None:
+                 plan: Plan, data_dir: Path, out_dir: Path, base: dict[str, Any],
+                 state_dict: dict | None = None) -> None:
     """models/adapter/: safetensors adapter, tokenizer and meta.json, written atomically."""
     inputs: dict[str, Path] = {"prepared": data_dir}
     init = find_adapter(params.train.init_adapter) if params.train.init_adapter else None
     if init is not None:
         inputs["init_adapter"] = init
     with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        launch.save_pretrained(trainer, tmp, state_dict)  # state_dict: gathered under FSDP
         tokenizer.save_pretrained(str(tmp))
         write_meta(tmp, stage="train", params=params.section(*SECTIONS), inputs=inputs, extra={
             "precision": {
@@ -384,7 +409,10 @@ def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precisi
             "init_adapter": str(init) if init else None,
             "effective": {"per_device_train_batch_size": plan.batch,
                           "gradient_accumulation_steps": plan.accum, "optim": plan.optim,
-                          "warmup_steps": plan.warmup_steps},
+                          "warmup_steps": plan.warmup_steps, "num_processes": plan.processes,
+                          "effective_batch": plan.effective_batch,
+                          "strategy": (params.runner.distributed.strategy
+                                       if plan.processes > 1 else None)},
         })
 
 
@@ -398,7 +426,9 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     # --- end preflight ---
     data = load_data(data_dir)
     base = base_info(params)  # hashed once: it names the checkpoint folder and goes in meta.json
-    key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base},
+    # FSDP checkpoints (sharded) cannot resume a DDP/single run or the reverse: own folder.
+    fsdp = {"fsdp": True} if launch.uses_fsdp(params) else {}
+    key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base, **fsdp},
                                   sha256_tree(data_dir))
     run_dir = Path(checkpoints_dir) / key
     log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
@@ -406,7 +436,13 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
                                                    run_dir, Path(live_dir))
     metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
-    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir, base)
+    # --- distributed: every rank joins the FSDP gather; only rank 0 writes the outputs ---
+    state_dict = launch.adapter_state_dict(trainer)
+    if not launch.is_main():
+        return metrics
+    # --- end distributed ---
+    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir, base,
+                 state_dict)
     write_json(metrics_path, metrics)
     log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s", metrics["global_step"],
              metrics["eval_loss_start"] or float("nan"), metrics["eval_loss"],

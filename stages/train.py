@@ -20,6 +20,13 @@ def main(argv=None):
     parser.add_argument("--live", default="dvclive/train", help="dvclive folder (loss curves)")
     parser.add_argument("--metrics", default="metrics/train.json", help="metrics file")
     args, params = stage.start("train", parser, argv)
+    # --- distributed (medqlora/launch.py): num_processes > 1 re-runs this command under
+    # accelerate launch, here (inside the container when runner.backend is docker) ---
+    from medqlora import launch
+    if launch.needed(params.runner.distributed):
+        script_args = sys.argv[1:] if argv is None else list(argv)
+        raise SystemExit(launch.relaunch(params, str(Path(__file__).resolve()), script_args))
+    # --- end distributed ---
     from medqlora.training import run
     run(params, args.data, args.out, args.checkpoints, args.live, args.metrics)
 
