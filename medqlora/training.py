@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,11 +199,29 @@ class LiveCallback:
             self.live = None
 
 
+class StepClock:
+    """Wall-clock seconds between optimizer steps; the median ignores evals/saves in between.
+
+    Steady-state throughput (bench/bench_distributed.py) = tokens per step / this median.
+    """
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def median(self) -> float | None:
+        gaps = [b - a for a, b in zip(self.ends, self.ends[1:])]
+        return statistics.median(gaps) if gaps else None
+
+
 def _callback(obj):
     """Wrap a duck-typed callback as a transformers TrainerCallback."""
     from transformers import TrainerCallback
     cls = type(type(obj).__name__, (TrainerCallback,), {
-        name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end")})
+        name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end",
+                                              "on_step_end") if hasattr(obj, name)})
     return cls()
 
 
@@ -273,7 +292,8 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     model = build_model(params, precision)
     resume = checkpoints.latest_complete(run_dir)
     args = training_args(params, plan, precision, run_dir, fresh=resume is None)
-    callbacks = [_callback(LiveCallback(live_dir))]
+    clock = StepClock()
+    callbacks = [_callback(LiveCallback(live_dir)), _callback(clock)]
     if params.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
@@ -287,6 +307,7 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
                       data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
+    trainer.step_clock = clock  # read by train_metrics
     if resume is not None:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
@@ -365,6 +386,8 @@ def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str
         "epochs": state.epoch,
         "tokens_seen": tokens,
         "tokens_per_second": (tokens - tokens_at_resume) / seconds if seconds else None,
+        "step_seconds_median": trainer.step_clock.median() if hasattr(trainer, "step_clock")
+        else None,
         "peak_memory_gib": peak_memory_gib(device),
         # every process's peak, rank order (collective: all ranks compute metrics)
         "peak_memory_gib_per_process": launch.gather(peak_memory_gib(device)),
