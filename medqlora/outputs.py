@@ -6,6 +6,7 @@ complete: either the previous output is still there untouched, or nothing is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,14 +17,28 @@ from typing import Any, Iterator
 
 
 @contextlib.contextmanager
+def _named_full_disk(path: Path) -> Iterator[None]:
+    """Re-raise a full disk (or quota) as an error that names the output being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(err.errno, f"{path}: cannot write this output: {err.strerror} (the "
+                      f"disk holding {path.parent.resolve()} is full); the previous output, "
+                      "if any, was left untouched") from err
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        with _named_full_disk(path):
+            yield tmp
+            _fsync_tree(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -43,7 +58,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        with _named_full_disk(path), os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -1,0 +1,162 @@
+"""Faults: SIGKILL in every stage, a full disk; nothing half-written is ever accepted.
+
+One undisturbed small `dvc repro` (tests/small_run.py) is the reference. A second workspace
+runs `dvc repro` five times, each time SIGKILLing the whole process group (dvc and the stage)
+once a stage is visibly mid-work, checking that stage left no output that looks complete; a
+last `dvc repro` finishes and its outputs are compared with the reference.
+
+Tolerance, documented: training on CPU is bitwise deterministic and resumes bitwise
+(tests/test_train.py), so losses, adapter, merged weights, predictions and every package
+file are equal, except the model card (README.md), which quotes metrics/train.json's
+tokens_per_second and peak_memory_gib (measured wall-clock and RSS, different on every run),
+the meta.json files (each workspace's git commit; input hashes over those timings) and
+adapter_config.json's target_modules order (peft serialises a set: equal once sorted).
+
+Detected elsewhere, not duplicated here: a corrupted checkpoint is skipped on resume
+(tests/test_train.py), an altered package file fails `medqlora verify` (tests/test_package.py).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medqlora import checkpoints, outputs
+from tests.conftest import run
+from tests.small_run import ENV, small_run, small_workspace  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+VENV_PATH = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+
+
+def tmp_sibling(ws: Path, out: str) -> bool:
+    out = Path(out)
+    return any((ws / out.parent).glob(f".{out.name}.tmp-*"))
+
+
+# (stage, sign it is mid-work, what it writes)
+KILLS = [
+    ("prepare", lambda ws, log: tmp_sibling(ws, "data/prepared"),
+     ["data/prepared", "metrics/prepare.json"]),
+    ("train", lambda ws, log: any(checkpoints.problem(c) is None
+                                  for c in (ws / "checkpoints/train").glob("*/checkpoint-2")),
+     ["models/adapter", "metrics/train.json"]),
+    ("evaluate", lambda ws, log: "medqlora.evaluation: base: perplexity" in log,
+     ["predictions", "metrics/evaluate.json"]),
+    ("merge", lambda ws, log: "not quantized" in log, ["models/merged", "metrics/merge.json"]),
+    ("package", lambda ws, log: tmp_sibling(ws, "artifacts/package"), ["artifacts/package"]),
+]
+
+
+def repro_killed_when(ws: Path, stage: str, sign) -> str:
+    """Start `dvc repro`; SIGKILL its process group once `sign` holds; return the log."""
+    log_path = ws.parent / f"killed-{stage}.log"
+    env = {**os.environ, **ENV, "PATH": VENV_PATH}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=ws, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            if sign(ws, log_path.read_text(encoding="utf-8", errors="replace")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return log_path.read_text(encoding="utf-8", errors="replace")
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    pytest.fail(f"{stage}: no sign of progress seen before the repro ended:\n"
+                f"{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_sigkill_in_every_stage_then_repro_equals_undisturbed(small_run, tmp_path):
+    ref = small_run.ws
+    ws = small_workspace(tmp_path / "repo")
+    for stage, sign, outs in KILLS:
+        log = repro_killed_when(ws, stage, sign)
+        assert f"Running stage '{stage}'" in log
+        for out in outs:  # first run of this stage here: nothing may look complete
+            assert not (ws / out).exists(), f"{out} exists after SIGKILL during {stage}"
+    done = run(["dvc", "repro"], ws, env=ENV)
+    assert "Running stage 'package'" in done.stdout
+
+    for split in ("train", "val", "test"):
+        name = f"data/prepared/{split}.parquet"
+        assert (ws / name).read_bytes() == (ref / name).read_bytes(), name
+    got, want = (json.loads((w / "metrics/train.json").read_text()) for w in (ws, ref))
+    for key in ("train_loss", "eval_loss", "eval_loss_start"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["global_step"] == want["global_step"] == 4
+    assert got["resumed_from_step"] == 2  # train really resumed from the killed run's save
+    for name in ("models/adapter/adapter_model.safetensors", "models/merged/model.safetensors",
+                 "predictions/predictions.jsonl", "metrics/evaluate.json", "metrics/merge.json"):
+        assert (ws / name).read_bytes() == (ref / name).read_bytes(), name
+    manifest = [json.loads((w / "artifacts/package/manifest.json").read_text())["files"]
+                for w in (ws, ref)]
+    assert set(manifest[0]) == set(manifest[1])
+    differ = {name for name in manifest[1] if manifest[0][name] != manifest[1][name]}
+    # README.md quotes measured tokens/s and memory; meta.json files record each workspace's
+    # git commit and input hashes (metrics/train.json holds timings); peft writes
+    # target_modules from a set, in hash-seed order (compared sorted below).
+    assert differ <= {"README.md", "meta.json", "merged/meta.json", "adapter_config.json"}, differ
+    configs = [json.loads((w / "artifacts/package/adapter_config.json").read_text())
+               for w in (ws, ref)]
+    for config in configs:
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
+    assert run(["medqlora", "verify", "artifacts/package"], ws).returncode == 0
+
+
+def test_injected_full_disk_names_output_and_keeps_previous(tmp_path, monkeypatch):
+    out = tmp_path / "models" / "adapter"
+    with outputs.atomic_dir(out) as tmp:
+        (tmp / "weights").write_bytes(b"previous")
+
+    def full(_path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(outputs, "_fsync_tree", full)
+    with pytest.raises(OSError) as info:
+        with outputs.atomic_dir(out) as tmp:
+            (tmp / "weights").write_bytes(b"half")
+    assert info.value.errno == errno.ENOSPC
+    assert str(out) in str(info.value) and "No space left on device" in str(info.value)
+    assert (out / "weights").read_bytes() == b"previous"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]  # no temp left behind
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 200 KiB tmpfs (prepare writes ~320 KiB); skipped, saying why, where mount is refused."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: the injected-failure test covers a full disk")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs was refused ({proc.stderr.strip()}): the injected-"
+                    "failure test covers a full disk")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_prepare_on_a_full_tmpfs_fails_clearly_and_writes_nothing(small_run, tiny_tmpfs):
+    proc = run([sys.executable, "stages/prepare.py", "--params", "params.yaml",
+                "--out", str(tiny_tmpfs / "prepared"), "--metrics", str(tiny_tmpfs / "m.json")],
+               small_run.ws, check=False)
+    assert proc.returncode != 0
+    assert f"{tiny_tmpfs / 'prepared'}: cannot write this output: No space left on device" \
+        in proc.stderr
+    assert list(tiny_tmpfs.iterdir()) == []  # neither the output nor its temp sibling
