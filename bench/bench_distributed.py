@@ -34,21 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ARCHS = {
-    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, rope_theta=10000.0, rms_norm_eps=1e-5,
-                       max_position_embeddings=32768, sliding_window=None,
-                       tie_word_embeddings=False),
-    # Llama-2-13B (13.0B parameters): the >= 13B model FSDP-QLoRA is measured on.
-    "llama-2-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120,
-                        intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, rope_theta=10000.0, rms_norm_eps=1e-5,
-                        max_position_embeddings=4096, tie_word_embeddings=False),
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=4096, tie_word_embeddings=False),
-}
+from bench.archs import ARCHS  # noqa: E402
 MICRO, EFFECTIVE = 4, 16
 GIB = 2**30
 
