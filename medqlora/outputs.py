@@ -24,7 +24,7 @@ def _named_full_disk(path: Path) -> Iterator[None]:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise OSError(err.errno, f"{path}: cannot write this output: {err.strerror} (the "
+        raise OSError(err.errno, f"{path}: cannot write this output: {os.strerror(err.errno)} (the "
                       f"disk holding {path.parent.resolve()} is full); the previous output, "
                       "if any, was left untouched") from err
 

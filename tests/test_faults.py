@@ -158,5 +158,5 @@ def test_prepare_on_a_full_tmpfs_fails_clearly_and_writes_nothing(small_run, tin
                small_run.ws, check=False)
     assert proc.returncode != 0
     assert f"{tiny_tmpfs / 'prepared'}: cannot write this output: No space left on device" \
-        in proc.stderr
+        in proc.stderr, proc.stderr[-2000:]
     assert list(tiny_tmpfs.iterdir()) == []  # neither the output nor its temp sibling
