@@ -410,6 +410,16 @@ def base_info(params: Params) -> dict[str, Any]:
             "sha256": sha256_tree(model.base) if model.is_local else None}
 
 
+def _sort_target_modules(config_path: Path) -> None:
+    """peft writes target_modules from a set, in hash order: sort it so equal runs give equal
+    bytes (the package manifest and DVC hashes depend on them)."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                               encoding="utf-8")
+
+
 def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precision,
                  plan: Plan, data_dir: Path, out_dir: Path, base: dict[str, Any],
                  state_dict: dict | None = None) -> None:
@@ -420,6 +430,7 @@ def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precisi
         inputs["init_adapter"] = init
     with atomic_dir(out_dir) as tmp:
         launch.save_pretrained(trainer, tmp, state_dict)  # state_dict: gathered under FSDP
+        _sort_target_modules(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
         write_meta(tmp, stage="train", params=params.section(*SECTIONS), inputs=inputs, extra={
             "precision": {
