@@ -284,9 +284,24 @@ def training_args(params: Params, plan: Plan, precision: modeling.Precision, run
     )
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumed from, read before training: save_total_limit may delete
+    that folder while the run goes on."""
+    path: Path
+    step: int
+    tokens_seen: int
+
+    @classmethod
+    def read(cls, path: Path) -> "ResumePoint":
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        return cls(path, int(state.get("global_step", 0)),
+                   int(state.get("num_input_tokens_seen", 0)))
+
+
 def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir: Path,
         live_dir: Path, plan: Plan):
-    """One training attempt; returns (trainer, resumed-from checkpoint or None, seconds)."""
+    """One training attempt; returns (trainer, ResumePoint or None, seconds)."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
     set_seed(params.seed)  # LoRA init and dropout; data order comes from data_seed
     model = build_model(params, precision)
@@ -308,11 +323,12 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
                       data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
     trainer.step_clock = clock  # read by train_metrics
-    if resume is not None:
+    resumed = ResumePoint.read(resume) if resume is not None else None
+    if resumed is not None:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return trainer, resume, time.perf_counter() - started
+    return trainer, resumed, time.perf_counter() - started
 
 
 def fit_adaptive(params, precision, tokenizer, data, run_dir, live_dir):
@@ -362,7 +378,8 @@ def final_eval_loss(trainer) -> float:
     return float(trainer.evaluate()["eval_loss"])
 
 
-def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str) -> dict:
+def train_metrics(trainer, plan: Plan, resumed: ResumePoint | None, seconds: float,
+                  device: str) -> dict:
     """metrics/train.json: final losses, steps, throughput, memory, parameter counts."""
     state = trainer.state
     history = state.log_history
@@ -372,10 +389,7 @@ def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str
         e["train_loss"] for e in history if "train_loss" in e]
     evals = [e["eval_loss"] for e in history if "eval_loss" in e]
     final_eval = final_eval_loss(trainer)
-    tokens_at_resume = 0
-    if resumed_from is not None:
-        tokens_at_resume = json.loads((Path(resumed_from) / "trainer_state.json").read_text()
-                                      ).get("num_input_tokens_seen", 0)
+    tokens_at_resume = resumed.tokens_seen if resumed else 0
     trainable, total = modeling.trainable_parameters(trainer.model)
     tokens = int(state.num_input_tokens_seen)
     return {
@@ -399,7 +413,7 @@ def train_metrics(trainer, plan: Plan, resumed_from, seconds: float, device: str
         "gradient_accumulation_steps": plan.accum,
         "warmup_steps": plan.warmup_steps,
         "total_steps_planned": plan.total_steps,
-        "resumed_from_step": int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0,
+        "resumed_from_step": resumed.step if resumed else 0,
     }
 
 

@@ -315,11 +315,16 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, 
     assert proc.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "adapter").exists()  # atomic output: nothing that looks complete
 
+    # Re-run keeping one checkpoint: saving checkpoint-6 deletes checkpoint-3, the one resumed
+    # from, while the run goes on (save_total_limit is bookkeeping, not in the fingerprint).
+    set_key(doc, "train.save_total_limit", 1)
+    params_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr and "checkpoint-3" in done.stderr
     resumed = json.loads((out / "train.json").read_text())
     assert resumed["resumed_from_step"] == 3
+    assert not list((out / "ckpt").glob("*/checkpoint-3"))
     assert resumed["global_step"] == metrics["global_step"] == 6
     # Observed bitwise equal on CPU (RNG, optimizer, scheduler and data order all restored);
     # the tolerance allows for a different BLAS thread split on another machine.
