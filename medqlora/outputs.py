@@ -29,11 +29,25 @@ def _named_full_disk(path: Path) -> Iterator[None]:
                       "if any, was left untouched") from err
 
 
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the temporary siblings an interrupted write of `path` left (`.name.tmp-*`,
+    `.name.old-*`). Only one writer per output runs at a time (DVC locks the repo)."""
+    found = sorted(path.parent.glob(f".{path.name}.tmp-*")) + sorted(
+        path.parent.glob(f".{path.name}.old-*"))
+    for leftover in found:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return found
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         with _named_full_disk(path):
@@ -56,6 +70,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `path` for writing; rename it over `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with _named_full_disk(path), os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:

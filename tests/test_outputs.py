@@ -1,0 +1,44 @@
+"""Atomic outputs: all or nothing, and what an interrupted write left is cleared next time."""
+from __future__ import annotations
+
+import pytest
+
+from medqlora.outputs import atomic_dir, atomic_file, read_json, sha256_tree, write_json
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    out = tmp_path / "adapter"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("interrupted")
+    assert (out / "a.txt").read_text() == "one"          # previous output untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp left
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path):
+    out = tmp_path / "prepared"
+    # What SIGKILL leaves: a half-written temp folder, an old copy mid-swap, a temp file.
+    (tmp_path / ".prepared.tmp-abc123").mkdir()
+    (tmp_path / ".prepared.tmp-abc123" / "train.parquet").write_bytes(b"half")
+    (tmp_path / ".prepared.old-4242").mkdir()
+    (tmp_path / ".prepared_other.tmp-x").mkdir()           # another output's: kept
+    (tmp_path / ".m.json.tmp-zz").write_text("{")
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("done")
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared_other.tmp-x", "m.json",
+                                                          "prepared"]
+    assert read_json(tmp_path / "m.json") == {"a": 1}
+
+
+def test_atomic_file_and_tree_hash(tmp_path):
+    with atomic_file(tmp_path / "f.bin", "wb") as handle:
+        handle.write(b"abc")
+    assert (tmp_path / "f.bin").read_bytes() == b"abc"
+    # sha256 of a single file is the plain sha256 of its bytes
+    assert sha256_tree(tmp_path / "f.bin") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
