@@ -77,16 +77,10 @@ def prompt_ids(row: dict[str, Any]) -> list[int]:
 
 def load_models(adapter_dir: str | Path):
     """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json."""
-    from medqlora.modeling import load_adapter, load_base, load_tokenizer, settings_from_meta
+    from medqlora.modeling import load_adapter, load_base, saved_tokenizer, settings_from_meta
     meta = read_meta(adapter_dir)
     model_params, quant, precision = settings_from_meta(meta)
-    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = load_tokenizer(model_params)
+    tokenizer = saved_tokenizer(adapter_dir, model_params)
     model = load_adapter(load_base(model_params, quant, precision), adapter_dir)
     model.eval()
     return model, tokenizer, meta

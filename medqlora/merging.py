@@ -152,21 +152,10 @@ def _free(*objects) -> None:
 
 # ---------------------------------------------------------------- the stage
 
-def adapter_tokenizer(adapter_dir: Path, model_params):
-    """The tokenizer train saved beside the adapter (as evaluate uses it), else the base's."""
-    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        return modeling.load_tokenizer(model_params)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def reference_pass(settings, adapter_dir: Path, prompts: list[str]):
     """Load the model evaluate scored; return (tokenizer, reference logits, dequantized weights,
     parameter count, adapter effect = base vs base + adapter logit statistics)."""
-    tokenizer = adapter_tokenizer(adapter_dir, settings[0])
+    tokenizer = modeling.saved_tokenizer(adapter_dir, settings[0])  # as evaluate loads it
     base = modeling.load_base(*settings)
     weights = dequantized_weights(base) if settings[1].load_in_4bit else {}
     size = parameter_count(base)
@@ -195,7 +184,7 @@ def requantized_parity(out_dir: Path, settings, tokenizer, prompts, reference) -
         str(out_dir), quantization_config=modeling.bnb_config(
             dataclasses.replace(quant, load_in_4bit=True), precision.compute_dtype),
         dtype=precision.compute_dtype,
-        device_map={"": 0} if precision.device == "cuda" else {"": "cpu"})
+        device_map=modeling.device_map(precision))
     stats = compare_logits(reference, prompt_logits(model, tokenizer, prompts))
     _free(model)
     return stats

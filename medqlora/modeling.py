@@ -88,27 +88,44 @@ def _source(model: ModelParams) -> dict[str, Any]:
     return kwargs
 
 
-def load_tokenizer(model: ModelParams):
-    """The base's tokenizer, with a pad token (eos when the base has none)."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model.base, **_source(model))
+def _with_pad(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def load_tokenizer(model: ModelParams):
+    """The base's tokenizer, with a pad token (eos when the base has none)."""
+    from transformers import AutoTokenizer
+    return _with_pad(AutoTokenizer.from_pretrained(model.base, **_source(model)))
+
+
+def saved_tokenizer(folder: str | Path, model: ModelParams):
+    """The tokenizer train saved beside an adapter (or a package holds), else the base's;
+    pad falls back to eos as in load_tokenizer."""
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return load_tokenizer(model)
+    from transformers import AutoTokenizer
+    return _with_pad(AutoTokenizer.from_pretrained(str(folder)))
+
+
+def device_map(precision: Precision) -> dict[str, int | str]:
+    """Whole model on one device: this process's GPU (LOCAL_RANK, set by accelerate/torchrun;
+    0 when alone), else the CPU."""
+    if precision.device == "cuda":
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
 def load_base(model: ModelParams, quant: QuantizationParams, precision: Precision):
     """The frozen base: NF4 through bitsandbytes when load_in_4bit, else the compute dtype."""
     from transformers import AutoModelForCausalLM
-    # One GPU per launched process (LOCAL_RANK, set by accelerate/torchrun; 0 when alone).
-    device_map = ({"": int(os.environ.get("LOCAL_RANK", "0"))} if precision.device == "cuda"
-                  else {"": "cpu"})
     config = bnb_config(quant, precision.compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(
         model.base,
         quantization_config=config,
         dtype=precision.compute_dtype,
-        device_map=device_map,
+        device_map=device_map(precision),
         attn_implementation=model.attn_implementation,
         **_source(model),
     )

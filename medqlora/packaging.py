@@ -274,20 +274,18 @@ def load_for_generation(package_dir: str | Path, merged: bool = False):
     resolves it), loaded with the quantization and compute dtype recorded at training.
     """
     import dataclasses
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from medqlora import modeling
     package_dir = Path(package_dir)
     model_params, quant, precision = package_settings(package_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(package_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = modeling.saved_tokenizer(package_dir, model_params)
     if merged:
         if not (package_dir / "merged" / "config.json").is_file():
             raise FileNotFoundError(f"{package_dir}/merged is missing: the package was built with "
                                     "package.include_merged: false (drop --merged)")
         model = AutoModelForCausalLM.from_pretrained(
             str(package_dir / "merged"), dtype=precision.compute_dtype,
-            device_map={"": 0} if precision.device == "cuda" else {"": "cpu"})
+            device_map=modeling.device_map(precision))
     else:
         base = read_json(package_dir / "adapter_config.json")["base_model_name_or_path"]
         model_params = dataclasses.replace(model_params, base=base)
