@@ -3,6 +3,8 @@
     bench/bench_distributed.sh all            # every row (2+ GPUs; ~10 min on 2 x H100)
     bench/bench_distributed.sh ddp            # Mistral-7B DDP on 1 and 2 GPUs
     bench/bench_distributed.sh fsdp           # Llama-2-13B shapes, DDP vs FSDP-QLoRA on 2 GPUs
+    bench/bench_distributed.sh fsdp-resume    # FSDP-QLoRA killed after a sharded checkpoint,
+                                              # then resumed (tiny random Llama, 2 GPUs)
     python bench/bench_distributed.py --part cpu-check   # the driver on a CPU, tiny model
 
 Each row runs `python stages/train.py` with runner.distributed set (medqlora/launch.py ->
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,9 +42,10 @@ MICRO, EFFECTIVE = 4, 16
 GIB = 2**30
 
 
-def row(label, arch, gpus, strategy="ddp", seq=2048, warmup=2, steps=5, fast="auto", **quant):
+def row(label, arch, gpus, strategy="ddp", seq=2048, warmup=2, steps=5, fast="auto",
+        train=None, **quant):
     return dict(label=label, arch=arch, gpus=gpus, strategy=strategy, seq=seq, warmup=warmup,
-                steps=steps, fast=fast, quant=quant)
+                steps=steps, fast=fast, train=train or {}, quant=quant)
 
 
 def part(name: str) -> list[dict]:
@@ -50,8 +54,11 @@ def part(name: str) -> list[dict]:
     bf16_storage = dict(bnb_4bit_quant_storage="bfloat16")
     rows = {
         "ddp": [row("ddp 1 GPU", "mistral-7b", 1), row("ddp 2 GPUs", "mistral-7b", 2)],
-        "fsdp": [row("ddp 2 GPUs", "llama-2-13b", 2, **same),
-                 row("fsdp-qlora 2 GPUs", "llama-2-13b", 2, "fsdp", **same, **bf16_storage)],
+        # 13B: 1 + 3 steps are enough for the peak (reached in the first step) and keep the
+        # part inside one 10-minute device call.
+        "fsdp": [row("ddp 2 GPUs", "llama-2-13b", 2, warmup=1, steps=3, **same),
+                 row("fsdp-qlora 2 GPUs", "llama-2-13b", 2, "fsdp", warmup=1, steps=3, **same,
+                     **bf16_storage)],
         "cpu-check": [row("ddp 1 proc", "tiny", 1, seq=64, warmup=1, steps=2),
                       row("ddp 2 procs", "tiny", 2, seq=64, warmup=1, steps=2)],
     }
@@ -114,6 +121,7 @@ def params_for(spec: dict, base: Path, port: int) -> dict:
                         eval_steps=1000, save_steps=1000, early_stopping_patience=0,
                         per_device_train_batch_size=MICRO, gradient_accumulation_steps=EFFECTIVE // MICRO,
                         per_device_eval_batch_size=2, adaptive_batch_size=False)
+    doc["train"].update(spec["train"])
     doc["train"].setdefault("fast_path", {})["enabled"] = spec["fast"]
     doc["runner"] = {"backend": "local", "distributed": {
         "num_processes": spec["gpus"], "strategy": spec["strategy"], "main_process_port": port,
@@ -123,27 +131,38 @@ def params_for(spec: dict, base: Path, port: int) -> dict:
 
 # ---------------------------------------------------------------- one row
 
-def run_row(spec: dict, work: Path, index: int, timeout: int) -> dict:
+def stage_command(spec: dict, work: Path, index: int) -> tuple[list[str], Path]:
+    """(train-stage command line, its output folder) for one row; inputs built once."""
     import yaml
     base = make_base(spec["arch"], work / "models" / spec["arch"])
     rows = EFFECTIVE * (spec["warmup"] + spec["steps"] + 1)
-    data = make_data(work / f"data-{spec['arch']}-{spec['seq']}", rows, spec["seq"],
+    data = make_data(work / f"data-{spec['arch']}-{spec['seq']}-{rows}", rows, spec["seq"],
                      ARCHS[spec["arch"]]["vocab_size"])
     out = work / f"row-{index}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     params = out / "params.yaml"
     params.write_text(yaml.safe_dump(params_for(spec, base, 29600 + index), sort_keys=False))
-    cmd = [sys.executable, "stages/train.py", "--params", str(params), "--data", str(data),
-           "--out", str(out / "adapter"), "--checkpoints", str(out / "ckpt"),
-           "--live", str(out / "live"), "--metrics", str(out / "train.json")]
+    # --live none: no dvclive curves, so dvc/dvclive need not be on the GPU machine.
+    return [sys.executable, "stages/train.py", "--params", str(params), "--data", str(data),
+            "--out", str(out / "adapter"), "--checkpoints", str(out / "ckpt"),
+            "--live", "none", "--metrics", str(out / "train.json")], out
+
+
+def run_stage(cmd: list[str], out: Path, timeout: int, log_name: str = "log.txt"):
+    """Run the stage to its end; (exit code, log text, wall seconds)."""
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - started
-    (out / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {**spec, "error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}",
-                "wall_s": wall}
+    text = proc.stdout + proc.stderr
+    (out / log_name).write_text(text)
+    return proc.returncode, text, time.perf_counter() - started
+
+
+def run_row(spec: dict, work: Path, index: int, timeout: int) -> dict:
+    cmd, out = stage_command(spec, work, index)
+    code, text, wall = run_stage(cmd, out, timeout)
+    if code != 0:
+        return {**spec, "error": f"exit {code}: {text[-1500:]}", "wall_s": wall}
     m = json.loads((out / "train.json").read_text())
     per_step = EFFECTIVE * spec["seq"]
     return {**spec, "wall_s": wall, "tokens_per_second": per_step / m["step_seconds_median"],
@@ -151,6 +170,60 @@ def run_row(spec: dict, work: Path, index: int, timeout: int) -> dict:
             "peak_gib": m["peak_memory_gib_per_process"], "loss": m["train_loss"],
             "effective_batch": m["effective_batch"], "accum": m["gradient_accumulation_steps"],
             "adapter_files": sorted(p.name for p in (out / "adapter").iterdir())}
+
+
+# ---------------------------------------------------------------- FSDP resume
+
+def resume_check(work: Path, timeout: int, gpus: int = 2) -> dict:
+    """FSDP-QLoRA resume: SIGKILL the stage after a sharded checkpoint, run it again.
+
+    Tiny random Llama, 4-bit with bf16 storage, 40 steps saved every 5. Run A is undisturbed;
+    run B is killed once checkpoint-10 is complete (medqlora.checkpoints.problem is None), then
+    the same command runs again and must resume from it and end at the same step.
+    """
+    from safetensors.torch import load_file
+    from medqlora import checkpoints
+    spec = row("fsdp-qlora resume", "tiny", gpus, "fsdp", seq=256, warmup=0, steps=40,
+               fast="off", train=dict(save_steps=5, save_total_limit=2, logging_steps=5),
+               bnb_4bit_quant_storage="bfloat16")
+    cmd_a, out_a = stage_command(spec, work, 90)
+    code, text, _ = run_stage(cmd_a, out_a, timeout)
+    if code != 0:
+        return {"error": f"undisturbed run: exit {code}: {text[-1500:]}"}
+    cmd_b, out_b = stage_command(spec, work, 91)
+    killed_at = None
+    with open(out_b / "killed.txt", "w") as log:
+        proc = subprocess.Popen(cmd_b, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = [c for c in (out_b / "ckpt").glob("*/checkpoint-10")
+                    if checkpoints.problem(c) is None]
+            if done:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = 10
+                break
+            time.sleep(0.05)
+        proc.wait()
+    newest = sorted(p.name for p in (out_b / "ckpt").glob("*/checkpoint-*"))
+    adapter_after_kill = (out_b / "adapter").exists()
+    code, text, _ = run_stage(cmd_b, out_b, timeout, "resumed.txt")
+    if code != 0:
+        return {"error": f"resumed run: exit {code}: {text[-1500:]}"}
+    a, b = (json.loads((o / "train.json").read_text()) for o in (out_a, out_b))
+    wa, wb = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (out_a, out_b))
+    return {
+        "killed_at_checkpoint": killed_at, "checkpoints_at_kill": newest,
+        "adapter_after_kill": adapter_after_kill,
+        "resumed_from_step": b["resumed_from_step"],
+        "global_step": [a["global_step"], b["global_step"]],
+        "train_loss": [a["train_loss"], b["train_loss"]],
+        "eval_loss": [a["eval_loss"], b["eval_loss"]],
+        "adapter_tensors": [len(wa), len(wb)],
+        "adapter_max_abs_diff": max(float((wa[k].float() - wb[k].float()).abs().max())
+                                    for k in wa) if sorted(wa) == sorted(wb) else None,
+        "resume_log_line": [line for line in text.splitlines() if "resuming from" in line][:1],
+    }
 
 
 def table(results: list[dict]) -> str:
@@ -175,7 +248,8 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "ddp", "fsdp", "cpu-check"])
+    parser.add_argument("--part", default="all",
+                        choices=["all", "ddp", "fsdp", "fsdp-resume", "cpu-check"])
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/medqlora-bench-dist"),
                         help="models and rows (the random bases are built once and kept)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
@@ -183,6 +257,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.part == "fsdp-resume":
+        result = resume_check(work, args.timeout)
+        text = json.dumps(result, indent=1)
+        print(text)
+        (out / "fsdp-resume.json").write_text(text + "\n")
+        return 1 if "error" in result else 0
     results = []
     for i, spec in enumerate(part(args.part)):
         print(f"# {spec['label']} ({spec['arch']})", flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several GPUs: DDP scaling (Mistral-7B, 1 and 2 GPUs) and FSDP-QLoRA vs DDP memory (Llama-2-13B
 # shapes, 2 GPUs), each row through the train stage (stages/train.py -> accelerate launch).
-#   bench/bench_distributed.sh [all|ddp|fsdp|cpu-check]      # results in $OUT (default bench-results/)
+#   bench/bench_distributed.sh [all|ddp|fsdp|fsdp-resume|cpu-check]      # results in $OUT (default bench-results/)
 # Needs 2+ GPUs for ddp/fsdp (device kind nvidia-h100-x2); random bases are built once in
 # $BENCH_WORK (default /tmp/medqlora-bench-dist, ~45 GB for both models).
 set -euo pipefail

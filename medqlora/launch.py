@@ -21,9 +21,14 @@ Trainer shards the data and wraps the model (DDP, or FSDP from accelerate's FSDP
   ACCELERATE_USE_CPU=true; TrainingArguments(use_cpu=True) then makes a gloo process group.
 - several hosts: the same command on every host, `--machine_rank` differing; the rank may come
   from MEDQLORA_MACHINE_RANK so params.yaml stays identical everywhere (docs/distributed.md).
+- a killed stage takes its processes with it: torchrun starts each worker in a session of its
+  own, so a SIGKILL of the stage's process group (dvc repro killed, a preempted job) would
+  leave the workers training and writing. The launcher and every worker therefore ask Linux
+  for SIGKILL when their parent dies (PR_SET_PDEATHSIG; `exit_with_parent`).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -49,6 +54,30 @@ FSDP_FLAGS = {
 
 
 # ---------------------------------------------------------------- launching
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent(parent: int | None = None) -> bool:
+    """Have Linux SIGKILL this process when its parent dies; False where that is unavailable.
+
+    `parent`: the pid the parent had; if it is already gone (re-parented before the request
+    took effect), exit now rather than train on as an orphan.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+    return True
+
+
+def _launcher_exits_with_stage(stage_pid: int):
+    """preexec_fn for the launcher: SIGKILL when the stage process that started it dies."""
+    return lambda: exit_with_parent(stage_pid)
+
 
 def inside_launch(environ: dict[str, str] | None = None) -> bool:
     """True in a process started by accelerate / torchrun (they set LOCAL_RANK, WORLD_SIZE)."""
@@ -122,7 +151,8 @@ def relaunch(params, script: str, script_args: list[str]) -> int:
     log.info("launching %d process(es) on this host (%d in all, %s, host %d of %d): %s",
              dist.num_processes // dist.num_machines, dist.num_processes, dist.strategy,
              machine_rank(dist), dist.num_machines, " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    proc = subprocess.Popen(cmd, env={**os.environ, **env},
+                            preexec_fn=_launcher_exits_with_stage(os.getpid()))
     old = {sig: signal.signal(sig, lambda signum, _f: proc.send_signal(signum))
            for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -133,6 +163,15 @@ def relaunch(params, script: str, script_args: list[str]) -> int:
 
 
 # ---------------------------------------------------------------- inside a launched process
+
+def join_launch() -> None:
+    """In a launched worker: die with the launcher (see the module docstring)."""
+    if inside_launch():
+        parent = os.getppid()
+        if parent == 1:  # the launcher is already gone
+            os._exit(1)
+        exit_with_parent(parent)
+
 
 def world_size() -> int:
     """Processes training together (1 when not launched)."""

@@ -216,12 +216,31 @@ class StepClock:
         return statistics.median(gaps) if gaps else None
 
 
+class NothingLeftToTrain(Exception):
+    """Raised by StopAtEnd: the run resumed from its final checkpoint."""
+
+
+class StopAtEnd:
+    """Train no step past max_steps when resuming from the run's final checkpoint.
+
+    The Trainer (transformers 5.x) enters its step loop before checking max_steps, so a run
+    killed after its last checkpoint but before its outputs were written would train one step
+    more on the re-run than the undisturbed run did. This stops it before that step's forward,
+    after the checkpoint's weights, optimizer and state have been loaded.
+    """
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            raise NothingLeftToTrain
+
+
 def _callback(obj):
     """Wrap a duck-typed callback as a transformers TrainerCallback."""
     from transformers import TrainerCallback
     cls = type(type(obj).__name__, (TrainerCallback,), {
         name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end",
-                                              "on_step_end") if hasattr(obj, name)})
+                                              "on_step_begin", "on_step_end")
+        if hasattr(obj, name)})
     return cls()
 
 
@@ -300,7 +319,7 @@ class ResumePoint:
 
 
 def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir: Path,
-        live_dir: Path, plan: Plan):
+        live_dir: Path | None, plan: Plan):
     """One training attempt; returns (trainer, ResumePoint or None, seconds)."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
     set_seed(params.seed)  # LoRA init and dropout; data order comes from data_seed
@@ -308,7 +327,9 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     resume = checkpoints.latest_complete(run_dir)
     args = training_args(params, plan, precision, run_dir, fresh=resume is None)
     clock = StepClock()
-    callbacks = [_callback(LiveCallback(live_dir)), _callback(clock)]
+    callbacks = [_callback(clock), _callback(StopAtEnd())]
+    if live_dir is not None:  # None: no loss curves (runs outside DVC, e.g. bench/)
+        callbacks.append(_callback(LiveCallback(live_dir)))
     if params.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
@@ -327,7 +348,11 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     if resumed is not None:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except NothingLeftToTrain:
+        log.info("%s is the run's last step: its weights are the result", resume)
+        trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
     return trainer, resumed, time.perf_counter() - started
 
 
@@ -465,8 +490,13 @@ def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precisi
 
 
 def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_dir: str | Path,
-        live_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
-    """The whole train stage; returns the metrics written to `metrics_path`."""
+        live_dir: str | Path | None, metrics_path: str | Path) -> dict[str, Any]:
+    """The whole train stage; returns the metrics written to `metrics_path`.
+
+    `live_dir` None writes no dvclive curves (`--live none`: runs outside DVC, such as the
+    GPU benchmarks, where dvc and dvclive need not be installed).
+    """
+    launch.join_launch()  # a launched worker dies with its launcher, never trains on orphaned
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     precision = modeling.resolve_precision(params.quantization, params.train.mixed_precision)
     # --- preflight (medqlora/memory.py): exit 3 before loading anything when it won't fit ---
@@ -482,7 +512,7 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
     tokenizer = modeling.load_tokenizer(params.model)
     trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
-                                                   run_dir, Path(live_dir))
+                                                   run_dir, Path(live_dir) if live_dir else None)
     metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
     # --- distributed: every rank joins the FSDP gather; only rank 0 writes the outputs ---
     state_dict = launch.adapter_state_dict(trainer)

@@ -17,7 +17,8 @@ def main(argv=None):
     parser.add_argument("--out", default="models/adapter", help="adapter output folder")
     parser.add_argument("--checkpoints", default="checkpoints/train",
                         help="resumable checkpoints (git-ignored, not a DVC output)")
-    parser.add_argument("--live", default="dvclive/train", help="dvclive folder (loss curves)")
+    parser.add_argument("--live", default="dvclive/train",
+                        help="dvclive folder (loss curves); none: no curves (outside DVC)")
     parser.add_argument("--metrics", default="metrics/train.json", help="metrics file")
     args, params = stage.start("train", parser, argv)
     # --- distributed (medqlora/launch.py): num_processes > 1 re-runs this command under
@@ -28,7 +29,8 @@ def main(argv=None):
         raise SystemExit(launch.relaunch(params, str(Path(__file__).resolve()), script_args))
     # --- end distributed ---
     from medqlora.training import run
-    run(params, args.data, args.out, args.checkpoints, args.live, args.metrics)
+    live = None if args.live == "none" else args.live
+    run(params, args.data, args.out, args.checkpoints, live, args.metrics)
 
 
 if __name__ == "__main__":

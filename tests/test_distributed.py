@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -218,11 +222,17 @@ def _step_losses(ckpt_root: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny base, prepared data) shared by the 2-process tests."""
+    base = make_base(tmp_path_factory.mktemp("base"))
+    return base, make_prepared(tmp_path_factory.mktemp("prepared"), base)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, inputs):
     """The same training, 1 process (in this process) and 2 processes (through the launcher)."""
     from medqlora import training
-    base = make_base(tmp_path_factory.mktemp("base"))
-    data = make_prepared(tmp_path_factory.mktemp("prepared"), base)
+    base, data = inputs
     doc = doc_with(**{"model.base": str(base), **SAME})
     one = _paths(tmp_path_factory.mktemp("one"))
     training.run(build_params(doc), data, one["adapter"], one["ckpt"], one["live"],
@@ -279,3 +289,53 @@ def test_rank_zero_alone_writes_the_outputs(two_runs):
     assert sorted(p.name for p in ckpt.glob("rng_state*")) == ["rng_state_0.pth",
                                                                "rng_state_1.pth"]
     assert checkpoints.problem(ckpt) is None  # a DDP checkpoint counts as complete
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_killing_the_stage_kills_its_launched_workers(inputs, tmp_path):
+    # torchrun starts each worker in a session of its own: before launch.exit_with_parent a
+    # SIGKILLed stage (dvc repro killed, a preempted job) left both workers training on and
+    # writing checkpoints. Only the stage's own pid is killed here, so the whole chain is
+    # tested: stage -> accelerate launcher -> workers.
+    base, data = inputs
+    doc = doc_with(**{"model.base": str(base), **SAME, "train.max_steps": 500,
+                      "train.save_steps": 1000, "train.eval_steps": 1000,
+                      "runner.distributed.num_processes": 2,
+                      "runner.distributed.main_process_port": 29619})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    log_path = tmp_path / "log.txt"
+    cmd = [sys.executable, "stages/train.py", "--params", str(params_file), "--data", str(data),
+           "--out", str(tmp_path / "adapter"), "--checkpoints", str(tmp_path / "ckpt"),
+           "--live", "none", "--metrics", str(tmp_path / "train.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDQLORA_LOG_LEVEL": "INFO",
+           "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "wb") as log:
+        stage = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            # Both workers are training once each has logged its data (after join_launch).
+            while log_path.read_text(errors="replace").count("train rows:") < 2:
+                assert stage.poll() is None and time.monotonic() < deadline, (
+                    log_path.read_text(errors="replace")[-3000:])
+                time.sleep(0.1)
+            workers = [p for p in psutil.Process(stage.pid).children(recursive=True)
+                       if "stages/train.py" in " ".join(p.cmdline())
+                       and "accelerate" not in " ".join(p.cmdline())]
+            assert len(workers) == 2, [p.cmdline() for p in workers]
+            stage.send_signal(signal.SIGKILL)
+            stage.wait(10)
+            _, alive = psutil.wait_procs(workers, timeout=20)
+            alive = [p for p in alive if _running(p)]  # an unreaped zombie has stopped
+            assert not alive, f"workers outlived the killed stage: {[p.pid for p in alive]}"
+        finally:
+            for p in psutil.Process().children(recursive=True):
+                p.kill()
+    assert not (tmp_path / "adapter").exists()

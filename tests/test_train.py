@@ -335,6 +335,26 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, 
 
 
 @pytest.mark.slow
+def test_rerun_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(short_run, data,
+                                                                          tmp_path, caplog):
+    # Killed after checkpoint-6 (the last step) but before the outputs were written: the
+    # re-run resumes there. transformers enters its step loop before checking max_steps, so
+    # without training.StopAtEnd it trained a 7th step and the adapter differed.
+    params, metrics, paths = short_run
+    shutil.copytree(paths["ckpt"], tmp_path / "ckpt")
+    with caplog.at_level(logging.INFO, logger="medqlora.training"):
+        again = training.run(params, data, tmp_path / "adapter", tmp_path / "ckpt", None,
+                             tmp_path / "train.json")
+    assert again["resumed_from_step"] == again["global_step"] == metrics["global_step"] == 6
+    assert any("last step" in r.getMessage() for r in caplog.records)
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "adapter" / name).read_bytes() == (paths["adapter"] / name).read_bytes()
+    assert again["eval_loss"] == metrics["eval_loss"]
+    assert again["train_loss"] == metrics["train_loss"]
+    assert not (tmp_path / "live").exists()  # live_dir None: no dvclive curves
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate optimizer.pt", "garble adapter_model.safetensors",
                                     "delete trainer_state.json"])
 def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(short_run, tmp_path, caplog,
