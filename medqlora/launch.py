@@ -79,6 +79,27 @@ def _launcher_exits_with_stage(stage_pid: int):
     return lambda: exit_with_parent(stage_pid)
 
 
+def one_gpu_unless_launched(environ: dict[str, str] | None = None) -> str | None:
+    """Outside a launch, train on one GPU: set CUDA_VISIBLE_DEVICES to the first visible one.
+
+    Call before CUDA is initialised. Without it the Trainer wraps the model in
+    torch.nn.DataParallel over every visible GPU: on 2 H100s a num_processes 1 run trained
+    micro-batches of 2 x 4 rows at half the per-GPU speed and reported twice the loss. Several
+    GPUs are used through runner.distributed.num_processes (DDP / FSDP) instead. Returns the
+    value set, or None when launched.
+    """
+    environ = os.environ if environ is None else environ
+    if inside_launch(environ):
+        return None
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    if visible is None or "," in visible:
+        log.info("runner.distributed.num_processes is 1: training on one GPU "
+                 "(CUDA_VISIBLE_DEVICES=%s); raise num_processes to train on more", first)
+    environ["CUDA_VISIBLE_DEVICES"] = first
+    return first
+
+
 def inside_launch(environ: dict[str, str] | None = None) -> bool:
     """True in a process started by accelerate / torchrun (they set LOCAL_RANK, WORLD_SIZE)."""
     environ = os.environ if environ is None else environ
@@ -228,19 +249,53 @@ def gather(value: Any) -> list[Any]:
 
 
 def adapter_state_dict(trainer) -> dict | None:
-    """Under FSDP, the full (unsharded) state dict on rank 0, else None (nothing to gather).
+    """Under FSDP, the LoRA tensors gathered whole on rank 0 ({} elsewhere); else None.
 
     Every rank must call this (it is a collective). Checkpoints stay SHARDED_STATE_DICT; for
-    the final adapter the plugin switches to FULL_STATE_DICT (offloaded to CPU, rank 0 only)
-    and peft's save_pretrained keeps only the LoRA tensors of it.
+    the final adapter the LoRA parameters are read inside FSDP.summon_full_params (rank 0,
+    on the CPU), under the names peft's save_pretrained expects. This replaced a
+    FULL_STATE_DICT gather (what the Trainer's save_model does), which on 2 H100s wrote an
+    adapter holding no tensor at all.
     """
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
-    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    return trainer.accelerator.get_state_dict(trainer.model)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    lora: dict = {}
+    with FSDP.summon_full_params(trainer.model, writeback=False, rank0_only=True,
+                                 offload_to_cpu=True):
+        if is_main():
+            for name, param in trainer.model.named_parameters():
+                if "lora_" in name:
+                    lora[_clean_fsdp_name(name)] = param.detach().to("cpu", copy=True)
+    if is_main():
+        log.info("FSDP: %d LoRA tensors gathered whole on rank 0", len(lora))
+    return lora
+
+
+def _clean_fsdp_name(name: str) -> str:
+    """A parameter name without the wrappers' prefixes (FSDP, activation checkpointing)."""
+    for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
 
 
 def save_pretrained(trainer, folder, state_dict: dict | None) -> None:
-    """The trained adapter (adapter_config.json + adapter_model.safetensors) into `folder`."""
+    """The trained adapter (adapter_config.json + adapter_model.safetensors) into `folder`.
+
+    The written file is read back: an adapter without LoRA tensors, or with a sharded (1-D or
+    empty) one, is an error here rather than a silent no-op adapter downstream.
+    """
+    from pathlib import Path
+    from safetensors import safe_open
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    lora = {k: v for k, v in shapes.items() if ".lora_A" in k or ".lora_B" in k}
+    bad = [k for k, shape in lora.items() if len(shape) != 2 or 0 in shape]
+    if not lora or bad:
+        raise RuntimeError(
+            f"the adapter written to {folder} is incomplete: {len(lora)} LoRA tensors"
+            + (f", {len(bad)} not 2-D (first: {bad[0]} {lora[bad[0]]})" if bad else "")
+            + (f"; gathered keys began {list(state_dict)[:3]}" if state_dict is not None else "")
+            + ". Please report it with the versions of torch, transformers, peft, accelerate")

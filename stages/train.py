@@ -27,6 +27,7 @@ def main(argv=None):
     if launch.needed(params.runner.distributed):
         script_args = sys.argv[1:] if argv is None else list(argv)
         raise SystemExit(launch.relaunch(params, str(Path(__file__).resolve()), script_args))
+    launch.one_gpu_unless_launched()  # else the Trainer spreads one process over every GPU
     # --- end distributed ---
     from medqlora.training import run
     live = None if args.live == "none" else args.live

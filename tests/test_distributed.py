@@ -339,3 +339,35 @@ def test_killing_the_stage_kills_its_launched_workers(inputs, tmp_path):
             for p in psutil.Process().children(recursive=True):
                 p.kill()
     assert not (tmp_path / "adapter").exists()
+
+
+def test_one_process_is_kept_on_one_gpu():
+    # The Trainer would otherwise use nn.DataParallel over every visible GPU (bench: 2 H100s).
+    env = {}
+    assert launch.one_gpu_unless_launched(env) == "0" and env == {"CUDA_VISIBLE_DEVICES": "0"}
+    env = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert launch.one_gpu_unless_launched(env) == "2" and env["CUDA_VISIBLE_DEVICES"] == "2"
+    env = {"CUDA_VISIBLE_DEVICES": ""}  # no GPU on purpose: stays none
+    assert launch.one_gpu_unless_launched(env) == "" and env["CUDA_VISIBLE_DEVICES"] == ""
+    env = {"LOCAL_RANK": "1", "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert launch.one_gpu_unless_launched(env) is None  # launched: accelerate assigns the GPU
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_an_adapter_without_lora_tensors_is_an_error_not_a_file(inputs, tmp_path):
+    # What a failed FSDP gather looks like: peft writes an adapter file with no tensor in it.
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from medqlora import modeling
+    base, _ = inputs
+    params = build_params(doc_with(**{"model.base": str(base), **SAME}))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           modeling.lora_config(params.lora))
+    trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    launch.save_pretrained(trainer, tmp_path / "good", None)
+    assert len(load_file(str(tmp_path / "good" / "adapter_model.safetensors"))) == 28
+    with pytest.raises(RuntimeError, match="incomplete: 0 LoRA tensors"):
+        launch.save_pretrained(trainer, tmp_path / "empty", {})
+    sharded = {k: v.flatten()[:3] for k, v in model.state_dict().items() if "lora_" in k}
+    with pytest.raises(RuntimeError, match="28 LoRA tensors, 28 not 2-D"):
+        launch.save_pretrained(trainer, tmp_path / "sharded", sharded)
