@@ -254,6 +254,7 @@ def main(argv=None) -> int:
                         help="models and rows (the random bases are built once and kept)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--timeout", type=int, default=420, help="seconds per row")
+    parser.add_argument("--only", default=None, help="run the rows whose label contains this")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +266,8 @@ def main(argv=None) -> int:
         return 1 if "error" in result else 0
     results = []
     for i, spec in enumerate(part(args.part)):
+        if args.only and args.only not in spec["label"]:
+            continue
         print(f"# {spec['label']} ({spec['arch']})", flush=True)
         try:
             results.append(run_row(spec, work, i, args.timeout))

@@ -12,4 +12,4 @@ PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python
 if [ "$PART" != "cpu-check" ]; then
   nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 fi
-exec "$PY" bench/bench_distributed.py --part "$PART" --out "${OUT:-bench-results}"
+exec "$PY" bench/bench_distributed.py --part "$PART" --out "${OUT:-bench-results}" "${@:2}"

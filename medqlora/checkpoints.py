@@ -79,13 +79,16 @@ def _dcp_complete(folder: Path) -> None:
 
 
 def _weights_load(ckpt: Path) -> None:
-    """The adapter weights: safetensors, or FSDP's sharded folder."""
+    """The adapter weights: safetensors, and under FSDP also the sharded model folder (the
+    safetensors are the whole LoRA tensors medqlora writes after it, see adapter_io)."""
     from safetensors import safe_open
     sharded = ckpt / f"{FSDP_MODEL}_0"
-    if sharded.is_dir() and not (ckpt / "adapter_model.safetensors").is_file():
+    if sharded.is_dir():
         _dcp_complete(sharded)
-        return
-    with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as handle:
+    weights = ckpt / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(2, "No such file", str(weights))
+    with safe_open(str(weights), framework="pt") as handle:
         for key in handle.keys():
             handle.get_tensor(key)
 

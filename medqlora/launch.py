@@ -215,9 +215,11 @@ def is_main() -> bool:
 
 
 def uses_fsdp(params) -> bool:
-    """FSDP is on: several processes and runner.distributed.strategy fsdp."""
+    """FSDP is on: several processes, strategy fsdp, and GPUs (a CPU launch is always DDP over
+    gloo, see launch_command: accelerate's FSDP needs an accelerator)."""
+    import torch
     dist = params.runner.distributed
-    return dist.strategy == "fsdp" and dist.num_processes > 1
+    return dist.strategy == "fsdp" and dist.num_processes > 1 and torch.cuda.is_available()
 
 
 def accumulation(params, processes: int) -> int:
@@ -246,56 +248,3 @@ def gather(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
-
-
-def adapter_state_dict(trainer) -> dict | None:
-    """Under FSDP, the LoRA tensors gathered whole on rank 0 ({} elsewhere); else None.
-
-    Every rank must call this (it is a collective). Checkpoints stay SHARDED_STATE_DICT; for
-    the final adapter the LoRA parameters are read inside FSDP.summon_full_params (rank 0,
-    on the CPU), under the names peft's save_pretrained expects. This replaced a
-    FULL_STATE_DICT gather (what the Trainer's save_model does), which on 2 H100s wrote an
-    adapter holding no tensor at all.
-    """
-    if not getattr(trainer, "is_fsdp_enabled", False):
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    lora: dict = {}
-    with FSDP.summon_full_params(trainer.model, writeback=False, rank0_only=True,
-                                 offload_to_cpu=True):
-        if is_main():
-            for name, param in trainer.model.named_parameters():
-                if "lora_" in name:
-                    lora[_clean_fsdp_name(name)] = param.detach().to("cpu", copy=True)
-    if is_main():
-        log.info("FSDP: %d LoRA tensors gathered whole on rank 0", len(lora))
-    return lora
-
-
-def _clean_fsdp_name(name: str) -> str:
-    """A parameter name without the wrappers' prefixes (FSDP, activation checkpointing)."""
-    for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-        name = name.replace(prefix, "")
-    return name
-
-
-def save_pretrained(trainer, folder, state_dict: dict | None) -> None:
-    """The trained adapter (adapter_config.json + adapter_model.safetensors) into `folder`.
-
-    The written file is read back: an adapter without LoRA tensors, or with a sharded (1-D or
-    empty) one, is an error here rather than a silent no-op adapter downstream.
-    """
-    from pathlib import Path
-    from safetensors import safe_open
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
-    with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as f:
-        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
-    lora = {k: v for k, v in shapes.items() if ".lora_A" in k or ".lora_B" in k}
-    bad = [k for k, shape in lora.items() if len(shape) != 2 or 0 in shape]
-    if not lora or bad:
-        raise RuntimeError(
-            f"the adapter written to {folder} is incomplete: {len(lora)} LoRA tensors"
-            + (f", {len(bad)} not 2-D (first: {bad[0]} {lora[bad[0]]})" if bad else "")
-            + (f"; gathered keys began {list(state_dict)[:3]}" if state_dict is not None else "")
-            + ". Please report it with the versions of torch, transformers, peft, accelerate")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from medqlora import checkpoints, fastpath, launch, memory, modeling
+from medqlora import adapter_io, checkpoints, fastpath, launch, memory, modeling
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.provenance import write_meta
@@ -126,8 +126,12 @@ def find_adapter(path: str | Path) -> Path:
     raise FileNotFoundError(f"train.init_adapter: {path} holds no {' + '.join(ADAPTER_FILES)}")
 
 
-def build_model(params: Params, precision: modeling.Precision):
-    """Base (4-bit or not) prepared for training, with a trainable LoRA adapter attached."""
+def build_model(params: Params, precision: modeling.Precision, lora_from: Path | None = None):
+    """Base (4-bit or not) prepared for training, with a trainable LoRA adapter attached.
+
+    `lora_from`: a checkpoint whose adapter_model.safetensors is loaded into the new adapter
+    (FSDP resume: the Trainer's own FSDP checkpoints hold no LoRA weight; see adapter_io).
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
     base = modeling.load_base(params.model, params.quantization, precision)
     if params.quantization.load_in_4bit:
@@ -148,7 +152,11 @@ def build_model(params: Params, precision: modeling.Precision):
         folder = find_adapter(params.train.init_adapter)
         log.info("continuing from adapter %s (its LoRA settings are kept)", folder)
         return modeling.load_adapter(base, folder, trainable=True)
-    return get_peft_model(base, modeling.lora_config(params.lora))
+    model = get_peft_model(base, modeling.lora_config(params.lora))
+    if lora_from is not None:
+        log.info("FSDP resume: %d LoRA tensors loaded from %s",
+                 adapter_io.load_lora(model, lora_from), lora_from)
+    return model
 
 
 def resolve_optim(name: str, device: str) -> tuple[str, list[str]]:
@@ -239,7 +247,7 @@ def _callback(obj):
     from transformers import TrainerCallback
     cls = type(type(obj).__name__, (TrainerCallback,), {
         name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end",
-                                              "on_step_begin", "on_step_end")
+                                              "on_step_begin", "on_step_end", "on_save")
         if hasattr(obj, name)})
     return cls()
 
@@ -323,19 +331,23 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     """One training attempt; returns (trainer, ResumePoint or None, seconds)."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
     set_seed(params.seed)  # LoRA init and dropout; data order comes from data_seed
-    model = build_model(params, precision)
     resume = checkpoints.latest_complete(run_dir)
+    fsdp = launch.uses_fsdp(params)
+    model = build_model(params, precision, lora_from=resume if fsdp else None)
     args = training_args(params, plan, precision, run_dir, fresh=resume is None)
     clock = StepClock()
     callbacks = [_callback(clock), _callback(StopAtEnd())]
     if live_dir is not None:  # None: no loss curves (runs outside DVC, e.g. bench/)
         callbacks.append(_callback(LiveCallback(live_dir)))
+    lora_saver = adapter_io.SaveLoraInCheckpoints()
+    if fsdp:  # whole LoRA tensors in every checkpoint (adapter_io)
+        callbacks.append(_callback(lora_saver))
     if params.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
     # --- fast path (train.fast_path; medqlora/fastpath.py, measured by bench/bench_train.py) ---
     collator = Collator(tokenizer.pad_token_id)
-    if launch.uses_fsdp(params):  # its fused LoRA reads adapter weights FSDP keeps sharded
+    if fsdp:  # its fused LoRA reads adapter weights FSDP keeps sharded
         log.warning("train.fast_path: not applied under runner.distributed.strategy fsdp")
     else:
         model, collator, args = fastpath.apply(model, params, args, collator)
@@ -344,6 +356,7 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
                       data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
     trainer.step_clock = clock  # read by train_metrics
+    lora_saver.trainer = trainer
     resumed = ResumePoint.read(resume) if resume is not None else None
     if resumed is not None:
         log.info("resuming from %s", resume)
@@ -461,14 +474,14 @@ def _sort_target_modules(config_path: Path) -> None:
 
 def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precision,
                  plan: Plan, data_dir: Path, out_dir: Path, base: dict[str, Any],
-                 state_dict: dict | None = None) -> None:
+                 lora: dict | None = None) -> None:
     """models/adapter/: safetensors adapter, tokenizer and meta.json, written atomically."""
     inputs: dict[str, Path] = {"prepared": data_dir}
     init = find_adapter(params.train.init_adapter) if params.train.init_adapter else None
     if init is not None:
         inputs["init_adapter"] = init
     with atomic_dir(out_dir) as tmp:
-        launch.save_pretrained(trainer, tmp, state_dict)  # state_dict: gathered under FSDP
+        adapter_io.save(trainer, tmp, lora)  # lora: the tensors gathered under FSDP
         _sort_target_modules(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
         write_meta(tmp, stage="train", params=params.section(*SECTIONS), inputs=inputs, extra={
@@ -515,12 +528,11 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
                                                    run_dir, Path(live_dir) if live_dir else None)
     metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
     # --- distributed: every rank joins the FSDP gather; only rank 0 writes the outputs ---
-    state_dict = launch.adapter_state_dict(trainer)
+    lora = adapter_io.gather_lora(trainer.model) if trainer.is_fsdp_enabled else None
     if not launch.is_main():
         return metrics
     # --- end distributed ---
-    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir, base,
-                 state_dict)
+    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir, base, lora)
     write_json(metrics_path, metrics)
     log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s", metrics["global_step"],
              metrics["eval_loss_start"] or float("nan"), metrics["eval_loss"],

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run, set_key
 from medqlora import checkpoints, launch
@@ -183,6 +183,10 @@ def test_fsdp_sharded_checkpoint_is_complete_and_partial_one_is_not(tmp_path):
              storage_writer=dcp.FileSystemWriter(str(ckpt / "pytorch_model_fsdp_0")))
     dcp.save({"optimizer": {"exp_avg": torch.zeros(4, 2)}},
              storage_writer=dcp.FileSystemWriter(str(ckpt / "optimizer_0")))
+    # Killed after the Trainer's save, before medqlora wrote the whole LoRA tensors (adapter_io).
+    assert checkpoints.problem(ckpt) == "missing adapter_model.safetensors"
+    save_file({"base_model.model.x.lora_A.weight": torch.ones(4, 2)},
+              str(ckpt / "adapter_model.safetensors"))
     assert checkpoints.problem(ckpt) is None
     (ckpt / "optimizer_0" / ".metadata").unlink()      # killed before the save finished
     assert checkpoints.problem(ckpt) == "missing optimizer_0"
@@ -354,20 +358,54 @@ def test_one_process_is_kept_on_one_gpu():
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
-def test_an_adapter_without_lora_tensors_is_an_error_not_a_file(inputs, tmp_path):
-    # What a failed FSDP gather looks like: peft writes an adapter file with no tensor in it.
+def _peft_model(base: Path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from medqlora import modeling
-    base, _ = inputs
     params = build_params(doc_with(**{"model.base": str(base), **SAME}))
+    torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            modeling.lora_config(params.lora))
+    for name, param in model.named_parameters():  # lora_B starts at zero: make it visible
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    return model
+
+
+def test_fsdp_adapter_writer_matches_peft_and_loads_back(inputs, tmp_path):
+    # Under FSDP the gathered LoRA tensors are written by adapter_io.write_adapter (peft's own
+    # key filter drops them all there): its files must be what peft writes, and load back.
+    from medqlora import adapter_io
+    base, _ = inputs
+    model = _peft_model(base)
+    model.save_pretrained(str(tmp_path / "peft"))
+    gathered = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    adapter_io.write_adapter(model, tmp_path / "ours", gathered)
+    peft_w, ours_w = (load_file(str(tmp_path / d / "adapter_model.safetensors"))
+                      for d in ("peft", "ours"))
+    assert sorted(peft_w) == sorted(ours_w) and len(ours_w) == 28
+    assert all(torch.equal(peft_w[k], ours_w[k]) for k in peft_w)
+    peft_c, ours_c = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                      for d in ("peft", "ours"))
+    assert ours_c == peft_c
+    fresh = _peft_model(base)
+    for param in fresh.parameters():
+        torch.nn.init.zeros_(param) if param.requires_grad else None
+    assert adapter_io.load_lora(fresh, tmp_path / "ours") == 28
+    loaded = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(loaded[k], gathered[k]) for k in gathered)
+
+
+def test_an_adapter_without_lora_tensors_is_an_error_not_a_file(inputs, tmp_path):
+    # What the FULL_STATE_DICT gather gave on 2 H100s: a file with no tensor in it.
+    from medqlora import adapter_io
+    base, _ = inputs
+    model = _peft_model(base)
     trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
-    launch.save_pretrained(trainer, tmp_path / "good", None)
+    adapter_io.save(trainer, tmp_path / "good", None)
     assert len(load_file(str(tmp_path / "good" / "adapter_model.safetensors"))) == 28
     with pytest.raises(RuntimeError, match="incomplete: 0 LoRA tensors"):
-        launch.save_pretrained(trainer, tmp_path / "empty", {})
+        adapter_io.save(trainer, tmp_path / "empty", {})
     sharded = {k: v.flatten()[:3] for k, v in model.state_dict().items() if "lora_" in k}
     with pytest.raises(RuntimeError, match="28 LoRA tensors, 28 not 2-D"):
-        launch.save_pretrained(trainer, tmp_path / "sharded", sharded)
+        adapter_io.save(trainer, tmp_path / "sharded", sharded)
