@@ -13,7 +13,9 @@ naming it, and the newest complete one is used instead.
 Several processes (medqlora/launch.py) write other layouts, accepted too: DDP writes one
 rng_state_<rank>.pth per process; FSDP (SHARDED_STATE_DICT) writes the adapter and the
 optimizer as torch.distributed.checkpoint folders `pytorch_model_fsdp_0/` and `optimizer_0/`
-(shards `*.distcp` + `.metadata`). DCP writes `.metadata` last (a temp file renamed once every
+(shards `*.distcp` + `.metadata`), and medqlora then adds the whole LoRA tensors as
+adapter_model.safetensors (medqlora/adapter_io.py: the Trainer's model shards come out empty
+under FSDP-QLoRA, so that file is required and the model shards may be empty). DCP writes `.metadata` last (a temp file renamed once every
 rank's shards are written), so its presence with the shards means the save finished; it is
 pickled, so we check its presence, not its contents. Only rank 0 moves incomplete folders.
 
@@ -68,13 +70,17 @@ def _torch_state_loads(path: Path) -> None:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _dcp_complete(folder: Path) -> None:
-    """A torch.distributed.checkpoint folder whose save finished (see the module docstring)."""
+def _dcp_complete(folder: Path, may_be_empty: bool = False) -> None:
+    """A torch.distributed.checkpoint folder whose save finished (see the module docstring).
+
+    `may_be_empty`: the Trainer's adapter-only FSDP model folder, whose shards hold nothing
+    (peft finds no LoRA key under FSDP; the tensors are in adapter_model.safetensors).
+    """
     shards = list(folder.glob("*.distcp"))
     if not (folder / ".metadata").is_file() or not shards:
         raise FileNotFoundError(2, "no .metadata or shards", str(folder))
     empty = [p.name for p in shards if p.stat().st_size == 0]
-    if empty:
+    if empty and not may_be_empty:
         raise ValueError(f"{folder.name}: empty shard(s) {', '.join(empty)}")
 
 
@@ -84,7 +90,7 @@ def _weights_load(ckpt: Path) -> None:
     from safetensors import safe_open
     sharded = ckpt / f"{FSDP_MODEL}_0"
     if sharded.is_dir():
-        _dcp_complete(sharded)
+        _dcp_complete(sharded, may_be_empty=True)
     weights = ckpt / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(2, "No such file", str(weights))

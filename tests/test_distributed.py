@@ -188,6 +188,10 @@ def test_fsdp_sharded_checkpoint_is_complete_and_partial_one_is_not(tmp_path):
     save_file({"base_model.model.x.lora_A.weight": torch.ones(4, 2)},
               str(ckpt / "adapter_model.safetensors"))
     assert checkpoints.problem(ckpt) is None
+    # What the Trainer's adapter-only FSDP save writes on GPUs: empty model shards (2 H100s).
+    for shard in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp"):
+        shard.write_bytes(b"")
+    assert checkpoints.problem(ckpt) is None
     (ckpt / "optimizer_0" / ".metadata").unlink()      # killed before the save finished
     assert checkpoints.problem(ckpt) == "missing optimizer_0"
     run_dir = tmp_path
