@@ -22,14 +22,11 @@ import logging
 import os
 from pathlib import Path
 
+from medqlora.launch import is_main
+
 log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _clean(name: str) -> str:
@@ -55,7 +52,7 @@ def gather_lora(fsdp_model) -> dict:
     lora: dict = {}
     with FSDP.summon_full_params(fsdp_model, writeback=False, rank0_only=True,
                                  offload_to_cpu=True):
-        if _is_main():
+        if is_main():
             for name, param in fsdp_model.named_parameters():
                 if "lora_" in name:
                     lora[_clean(name)] = param.detach().to("cpu", copy=True)
@@ -130,7 +127,7 @@ class SaveLoraInCheckpoints:
 
     def on_save(self, args, state, control, **kwargs):
         lora = gather_lora(self.trainer.model)  # every rank joins
-        if _is_main():
+        if is_main():
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_adapter(self.trainer.model, folder, lora)
             log.info("FSDP: %d LoRA tensors written to %s", len(lora), folder)

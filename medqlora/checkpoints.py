@@ -15,9 +15,10 @@ rng_state_<rank>.pth per process; FSDP (SHARDED_STATE_DICT) writes the adapter a
 optimizer as torch.distributed.checkpoint folders `pytorch_model_fsdp_0/` and `optimizer_0/`
 (shards `*.distcp` + `.metadata`), and medqlora then adds the whole LoRA tensors as
 adapter_model.safetensors (medqlora/adapter_io.py: the Trainer's model shards come out empty
-under FSDP-QLoRA, so that file is required and the model shards may be empty). DCP writes `.metadata` last (a temp file renamed once every
-rank's shards are written), so its presence with the shards means the save finished; it is
-pickled, so we check its presence, not its contents. Only rank 0 moves incomplete folders.
+under FSDP-QLoRA, so that file is required and the model shards may be empty). DCP writes
+`.metadata` last (a temp file renamed once every rank's shards are written), so its presence
+with the shards means the save finished; it is pickled, so we check its presence, not its
+contents. Only rank 0 moves incomplete folders.
 
 Pickle containment: the Trainer writes optimizer.pt / scheduler.pt / rng_state.pth with
 torch.save. transformers 5 reads them back with `torch.load(weights_only=True)` (inside its

@@ -151,8 +151,9 @@ def build_model(params: Params, precision: modeling.Precision, lora_from: Path |
     if params.train.init_adapter:
         folder = find_adapter(params.train.init_adapter)
         log.info("continuing from adapter %s (its LoRA settings are kept)", folder)
-        return modeling.load_adapter(base, folder, trainable=True)
-    model = get_peft_model(base, modeling.lora_config(params.lora))
+        model = modeling.load_adapter(base, folder, trainable=True)
+    else:
+        model = get_peft_model(base, modeling.lora_config(params.lora))
     if lora_from is not None:
         log.info("FSDP resume: %d LoRA tensors loaded from %s",
                  adapter_io.load_lora(model, lora_from), lora_from)
