@@ -438,7 +438,9 @@ def train_metrics(trainer, plan: Plan, resumed: ResumePoint | None, seconds: flo
         "global_step": state.global_step,
         "epochs": state.epoch,
         "tokens_seen": tokens,
-        "tokens_per_second": (tokens - tokens_at_resume) / seconds if seconds else None,
+        # None when this run trained nothing (resumed from the run's final checkpoint)
+        "tokens_per_second": ((tokens - tokens_at_resume) / seconds
+                              if seconds and tokens > tokens_at_resume else None),
         "step_seconds_median": trainer.step_clock.median() if hasattr(trainer, "step_clock")
         else None,
         "peak_memory_gib": peak_memory_gib(device),

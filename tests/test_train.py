@@ -351,6 +351,7 @@ def test_rerun_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(short_
     assert (tmp_path / "adapter" / name).read_bytes() == (paths["adapter"] / name).read_bytes()
     assert again["eval_loss"] == metrics["eval_loss"]
     assert again["train_loss"] == metrics["train_loss"]
+    assert again["tokens_per_second"] is None  # nothing trained in this run: no throughput
     assert not (tmp_path / "live").exists()  # live_dir None: no dvclive curves
 
 
