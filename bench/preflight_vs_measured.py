@@ -12,14 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.archs import ARCHS  # noqa: E402  (the configs the GPU rows were measured on)
 from medqlora.memory import CUDA_CONTEXT_GIB, GIB, Arch, Setup, estimate  # noqa: E402
 
-ARCHS = {
-    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-}
 FAST = dict(fast_frozen_bf16=True, fast_kernels=True, fused_ce=True)
 # (config, arch, layers, setup, measured peak allocated GiB, where it was measured)
 ROWS = [
