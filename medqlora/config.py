@@ -147,9 +147,11 @@ class EvaluateParams:
 class MergeParams:
     enabled: bool
     into: str
+    dtype: str
     parity_prompts: int
     max_abs_logit_diff: float
     min_top1_agreement: float
+    max_effect_lost: float
     requantize: bool
     max_shard_size: str
 
