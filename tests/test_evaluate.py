@@ -19,11 +19,13 @@ ROWS = [
     ("a-qa", "qa", None, "What is anemia?", "A low hemoglobin level."),
     ("b-lab", "lab", "anemia", "Analyse: Hemoglobin 8.1 g/dL (ref 12-16)",
      "Hemoglobin is low.\nFinding: anemia"),
-    ("c-mcq", "mcq", "B", "Which ion sets osmolality? A) Ca B) Na C) K D) Mg", "Answer: B"),
+    ("c-mcq", "mcq", "B", "Which ion sets osmolality?\nA. Ca\nB. Na\nC. K\nD. Mg",
+     "Answer: B. Sodium."),
     ("d-lab", "lab", "hyperkalemia", "Analysez : Potassium 6.6 mmol/L (N 3.5-5.0)",
      "Potassium élevé.\nConclusion : hyperkaliémie"),
     ("e-qa", "qa", None, "Qu'est-ce que l'anaphylaxie ?", "Une réaction allergique sévère."),
-    ("f-mcq", "mcq", "A", "First-line DVT treatment? A) anticoagulation B) surgery", "Réponse : A"),
+    ("f-mcq", "mcq", "A", "Traitement de la TVP ?\nA. anticoagulation\nB. chirurgie",
+     "Réponse : A. Anticoagulation."),
     ("g-qa", "qa", None, "What does the kidney do?", "It filters blood."),
 ]
 MAX_EXAMPLES = 6
@@ -143,10 +145,12 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     result = evaluation.evaluate(params, fixture_dirs["data"], fixture_dirs["zero"],
                                  tmp / "predictions", tmp / "metrics" / "evaluate.json")
     assert json.loads((tmp / "metrics" / "evaluate.json").read_text()) == result
-    assert set(result) == {"n", "n_diagnostic", "n_answer_tokens", "base", "adapter", "delta",
-                           "generation", "contamination"}
+    assert set(result) == {"n", "n_diagnostic", "n_option_scored", "n_generated",
+                           "n_answer_tokens", "base", "adapter", "delta", "generation",
+                           "contamination"}
     assert result["contamination"] is None  # the fixture has no train split to compare with
     assert result["n"] == MAX_EXAMPLES and result["n_diagnostic"] == 4
+    assert result["n_option_scored"] == 2 and result["n_generated"] == 4
     keys = {"perplexity", "bleu", "bleu_ci95", "rouge_l", "diagnostic_accuracy",
             "diagnostic_accuracy_ci95", "parse_failure_rate"}
     for name in ("base", "adapter"):
@@ -169,9 +173,18 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     assert [p["id"] for p in preds] == [r[0] for r in ROWS[:MAX_EXAMPLES]]
     for pred in preds:
         assert pred["base_output"] == pred["adapter_output"]
-        assert set(pred["adapter_scores"]) == {"bleu", "rouge_l", "parsed", "correct",
-                                               "perplexity"}
-        assert (pred["adapter_scores"]["correct"] is None) == (pred["kind"] == "qa")
+        scores = pred["adapter_scores"]
+        assert (scores["correct"] is None) == (pred["kind"] == "qa")
+        if pred["kind"] == "mcq":  # scored by option likelihood: no generated text, no BLEU
+            assert set(scores) == {"bleu", "rouge_l", "method", "option_loglik", "parsed",
+                                   "correct", "perplexity"}
+            assert scores["method"] == "option_loglik" and scores["bleu"] is None
+            assert pred["adapter_output"] == {"c-mcq": "Answer: ", "f-mcq": "Réponse : "}[
+                pred["id"]] + scores["parsed"]
+        else:
+            assert set(scores) == {"bleu", "rouge_l", "method", "parsed", "correct",
+                                   "perplexity"}
+            assert scores["method"] == "generation"
     meta = json.loads((tmp / "predictions" / "meta.json").read_text())
     assert meta["stage"] == "evaluate" and meta["n"] == MAX_EXAMPLES
     assert meta["quantization"]["load_in_4bit"] is True
@@ -208,3 +221,40 @@ def test_compare_perplexity_sees_the_adapter(fixture_dirs):
     moved = evaluation.compare_perplexity(fixture_dirs["data"], fixture_dirs["moved"])
     assert moved["base"] == pytest.approx(zero["base"])
     assert moved["adapter"] != pytest.approx(moved["base"], rel=1e-3)
+
+
+def test_token_batches_arithmetic():
+    # longest first; 9 alone (2 x 9 > 16), then 7 and 5 (2 x 7 = 14 <= 16)
+    assert evaluation.token_batches([5, 9, 7], max_rows=8, max_tokens=16) == [[1], [2, 0]]
+    assert evaluation.token_batches([3, 3, 3], max_rows=2, max_tokens=100) == [[0, 1], [2]]
+    assert evaluation.token_batches([40], max_rows=4, max_tokens=16) == [[0]]
+
+
+def test_options_scored_by_their_log_likelihood(fixture_dirs):
+    """Each option's score is the summed log-probability of "Answer: X" after the prompt,
+    computed here independently with one unpadded forward pass per option; the choice is the
+    argmax, as in lm-evaluation-harness's multiple_choice acc."""
+    model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
+    rows = [r for r in evaluation.load_test(fixture_dirs["data"]) if r["kind"] == "mcq"]
+    assert evaluation.option_continuations(rows[0]) == {
+        "A": "Answer: A", "B": "Answer: B", "C": "Answer: C", "D": "Answer: D"}
+    items = evaluation.score_options(model, tokenizer, rows, batch_size=3)
+    for row, item in zip(rows, items):
+        prompt = evaluation.prompt_ids(row)
+        for letter, text in evaluation.option_continuations(row).items():
+            cont = tokenizer(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+            logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+            expected = float(logprobs[torch.arange(len(cont)), torch.tensor(cont)].sum())
+            # bf16 compute: a padded batch runs other kernel shapes (observed 0.15%)
+            assert item["option_loglik"][letter] == pytest.approx(expected, rel=5e-3)
+        assert item["parsed"] == max(item["option_loglik"], key=item["option_loglik"].get)
+        assert item["correct"] == (item["parsed"] == row["label"])
+
+
+def test_option_letters_must_hold_the_answer(fixture_dirs):
+    row = dict(evaluation.load_test(fixture_dirs["data"])[2], label="E")
+    with pytest.raises(ValueError, match=r"mcq answer 'E' is not among the option lines "
+                                         r"\['A', 'B', 'C', 'D'\]"):
+        evaluation.option_continuations(row)

@@ -104,6 +104,37 @@ def test_package_contents(built):
 
 
 @pytest.mark.slow
+def test_failed_merge_still_ships_the_adapter_and_says_why(built, tmp_path):
+    """A merge whose parity gate failed (here: merge.into original, min top-1 0.999) leaves a
+    merged folder without weights; the package holds the adapter and states, in its manifest,
+    meta.json and model card, that merged weights are absent and why."""
+    inputs, _, _ = built
+    data = write_test_split(tmp_path / "prepared", ["### Instruction:\nWhat is anaemia?\n\n"
+                                                    "### Response:\n"])
+    failing = adapter_params(str(ROOT / BASE_REL), **{"merge.into": "original",
+                                                      "merge.min_top1_agreement": 0.999})
+    metrics = tmp_path / "metrics"
+    shutil.copytree(inputs["metrics"], metrics)
+    assert merging.run_merge(failing, data, inputs["adapter"], tmp_path / "merged",
+                             metrics / "merge.json") == 0
+    assert json.loads((metrics / "merge.json").read_text())["passed"] is False
+    manifest = _build({**inputs, "merged": tmp_path / "merged", "metrics": metrics},
+                      tmp_path / "package")
+    pkg = tmp_path / "package"
+    assert not (pkg / "merged").exists()
+    assert set(manifest["files"]) | {"manifest.json"} == {
+        f for f in EXPECTED if not f.startswith("merged/")}
+    merged = manifest["lineage"]["merged"]
+    assert merged["included"] is False and merged["reason"].startswith("merge parity failed: ")
+    meta = json.loads((pkg / "meta.json").read_text())
+    assert meta["merged_weights"] == {"included": False, "reason": merged["reason"]}
+    card = (pkg / "README.md").read_text()
+    assert f"No merged weights are included ({merged['reason']})" in card
+    assert "**FAILED**" in card and "were therefore **not** shipped" in card
+    assert packaging.verify(pkg) == []
+
+
+@pytest.mark.slow
 def test_rebuild_gives_identical_manifest(built, tmp_path):
     inputs, manifest, pkg = built
     again = _build(inputs, tmp_path / "package")
