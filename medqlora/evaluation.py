@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +42,7 @@ import torch
 
 from medqlora import metrics
 from medqlora.config import Params
-from medqlora.generation import GenerationSettings, generate_from_ids
+from medqlora.generation import GenerationSettings, generate_tokens
 from medqlora.outputs import atomic_dir, write_json
 from medqlora.provenance import read_meta, write_meta
 
@@ -253,19 +254,31 @@ def run_model(model, tokenizer, rows, settings: GenerationSettings, samples: int
     An mcq item's output is the continuation it chose ("Answer: B"); the others' is the text
     generated.
     """
+    clock = time.perf_counter()
     nll = answer_nll(model, rows, settings.batch_size, tokenizer.pad_token_id)
+    seconds = {"nll": time.perf_counter() - clock}
     options = [i for i, r in enumerate(rows) if is_option_item(r)]
     generate = [i for i, r in enumerate(rows) if not is_option_item(r)]
     outputs: list[str | None] = [None] * len(rows)
     items: list[dict[str, Any]] = [{}] * len(rows)
+    clock = time.perf_counter()
     for i, item in zip(options, score_options(model, tokenizer, [rows[i] for i in options],
                                               settings.batch_size)):
         outputs[i] = option_continuations(rows[i])[item["parsed"]]
         items[i] = item
-    texts = generate_from_ids(model, tokenizer, [prompt_ids(rows[i]) for i in generate],
-                              settings) if generate else []
+    seconds["options"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    new = generate_tokens(model, tokenizer, [prompt_ids(rows[i]) for i in generate],
+                          settings) if generate else []
+    seconds["generation"] = time.perf_counter() - clock
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
     for i, text, item in zip(generate, texts, score_outputs([rows[i] for i in generate], texts)):
         outputs[i], items[i] = text, item
+    # Timings go to the log only: metrics files stay a function of the inputs.
+    log.info("timing: answer NLL %.1f s (%d rows); options %.1f s (%d mcq); generation %.1f s "
+             "(%d prompts, %d new tokens, %.0f tokens/s)", seconds["nll"], len(rows),
+             seconds["options"], len(options), seconds["generation"], len(generate),
+             sum(map(len, new)), sum(map(len, new)) / max(seconds["generation"], 1e-9))
     for item, (s, c) in zip(items, nll):
         item["perplexity"] = math.exp(s / c) if c else None
     return summarise(rows, outputs, items, nll, samples, settings.seed), outputs, items
