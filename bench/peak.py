@@ -26,5 +26,7 @@ def record() -> None:
 if __name__ == "__main__":
     atexit.register(record)
     script, sys.argv = sys.argv[1], sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    # As `python stages/x.py` run from the project root with medqlora installed: the script's
+    # folder first, then the project root (dvc.yaml runs every stage from there).
+    sys.path[:0] = [os.path.dirname(os.path.abspath(script)), os.getcwd()]
     runpy.run_path(script, run_name="__main__")
