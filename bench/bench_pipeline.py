@@ -11,7 +11,8 @@ The recipe is examples/mistral-7b-medical.yaml with `model.base` pointed at that
 `runner.backend: local`, one epoch of the embedded data, and `package.include_merged: true`;
 `--set key=value` overrides any other key (e.g. `--set evaluate.max_examples=500`).
 
-Each stage command is read from dvc.yaml and run in a copy of the project (a fresh-clone-like
+Each stage command is read from dvc.yaml (train's `--live` becomes `none` where dvclive is not
+installed, as on the GPU image) and run in a copy of the project (a fresh-clone-like
 workspace under --work), in dvc.yaml's order, through bench/peak.py, which records
 torch.cuda.max_memory_allocated / max_memory_reserved of the stage's process at its exit.
 Wall time is the stage command's, start to exit (model loading included). The table goes to
@@ -46,6 +47,11 @@ GIB = 2**30
 COPY = ("dvc.yaml", "schema", "stages", "medqlora", "data/raw", "models/tiny-med-llama",
         "examples", "pyproject.toml")
 STAGES = ("prepare", "train", "evaluate", "merge", "package")
+try:
+    import dvclive  # noqa: F401
+    LIVE = True
+except ImportError:
+    LIVE = False
 
 
 def workspace(dest: Path) -> Path:
@@ -98,6 +104,8 @@ def run_stage(ws: Path, name: str, cmd: str, log) -> dict:
     """Run one stage command through bench/peak.py; wall seconds, peak GPU memory, exit code."""
     argv = cmd.split()
     assert argv[0] == "python", cmd
+    if "--live" in argv and not LIVE:  # the GPU image has no dvclive (nor dvc): no curves
+        argv[argv.index("--live") + 1] = "none"
     peak_file = ws / f".peak-{name}.json"
     peak_file.unlink(missing_ok=True)
     env = dict(os.environ, MEDQLORA_PEAK_FILE=str(peak_file), PYTHONUNBUFFERED="1")
