@@ -26,6 +26,7 @@ adapter's effect is that of a few steps on random data.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -47,11 +48,10 @@ GIB = 2**30
 COPY = ("dvc.yaml", "schema", "stages", "medqlora", "data/raw", "models/tiny-med-llama",
         "examples", "pyproject.toml")
 STAGES = ("prepare", "train", "evaluate", "merge", "package")
-try:
-    import dvclive  # noqa: F401
-    LIVE = True
-except ImportError:
-    LIVE = False
+# dvclive/ (the train stage's output folder) would import as a namespace package: look for
+# the library's own module.
+LIVE = importlib.util.find_spec("dvclive") is not None and \
+    importlib.util.find_spec("dvclive.live") is not None
 
 
 def workspace(dest: Path) -> Path:
