@@ -150,6 +150,12 @@ def layer_working_bytes(arch: Arch, setup: Setup) -> int:
     return setup.tokens * act * (13 * arch.hidden + 3 * kv + 5 * arch.intermediate)
 
 
+def kv_cache_bytes(arch: Arch, tokens: int, dtype_bytes: int = 2) -> int:
+    """Keys and values of `tokens` positions over every layer: 2 x layers x kv heads x head
+    dim x dtype bytes per token (Mistral-7B: 2 x 32 x 8 x 128 x 2 = 128 KiB a token)."""
+    return 2 * arch.layers * arch.kv_heads * arch.head_dim * dtype_bytes * tokens
+
+
 def logits_bytes(arch: Arch, setup: Setup) -> int:
     """Logits and loss at their peak (12 bytes x tokens x vocab, or one fused-CE chunk)."""
     if setup.fused_ce:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,15 @@ def check_merged(merged_dir: Path, adapter_dir: Path, merge_metrics: dict | None
     return meta
 
 
+def link_or_copy(src: str, dst: str) -> str:
+    """Hard-link `src` at `dst` (same filesystem), else copy it with its metadata."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def merged_status(merged_meta: dict | None, include_merged: bool) -> dict[str, Any]:
     """{"included": bool, "reason": str | None} for the manifest, meta.json and model card."""
     if not include_merged:
@@ -259,7 +269,9 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
         tokenizer = AutoTokenizer.from_pretrained(str(tmp))
         generation = write_generation_config(tmp, params, metrics["evaluate"], tokenizer)
         if merged["included"]:
-            shutil.copytree(merged_dir, tmp / "merged")
+            # Hard links where the filesystem allows: a 7B float32 merge is 28 GB, and the
+            # package would otherwise hold a second copy of it (the bytes are identical).
+            shutil.copytree(merged_dir, tmp / "merged", copy_function=link_or_copy)
         images = modelcard.write_charts(tmp / "images", Path(plots_dir), metrics["evaluate"])
         card = modelcard.Card(name=params.package.name, license=params.package.license,
                               base=base, adapter_meta=adapter_meta, metrics=metrics,

@@ -99,6 +99,11 @@ def test_package_contents(built):
     lineage = manifest["lineage"]
     assert lineage["base"]["id"] == str(ROOT / BASE_REL) and lineage["merged"]["into"] == \
         "dequantized"
+    assert lineage["merged"]["included"] is True and lineage["merged"]["dtype"] == "float32"
+    # merged weights are hard links to models/merged, not a second copy
+    inputs, _, _ = built
+    assert (pkg / "merged" / "model.safetensors").stat().st_ino == \
+        (inputs["merged"] / "model.safetensors").stat().st_ino
     assert lineage["libraries"]["peft"] and lineage["quantization"]["bnb_4bit_quant_type"] == "nf4"
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"].values())
 
