@@ -98,6 +98,10 @@ def test_bf16_storage_loses_a_small_update_that_float32_keeps(tiny_model, tmp_pa
     assert results["float32"]["merge_error"]["max_abs_logit_diff"] < 1e-3
     assert results["bfloat16"]["merge_error"]["mean_abs_logit_diff"] > \
         100 * results["float32"]["merge_error"]["mean_abs_logit_diff"]
+    # and the gate sees it: the bf16 merge's own error exceeds 10% of the adapter's effect
+    assert results["bfloat16"]["gate"]["merge_error"]["passed"] is False
+    assert results["bfloat16"]["passed"] is False and results["float32"]["passed"] is True
+    assert results["float32"]["effect_kept"] > 0.999 > 0.9 > results["bfloat16"]["effect_kept"]
 
 
 @pytest.mark.slow
