@@ -102,6 +102,9 @@ EXPECTED_REJECTS = {"invalid_json": 1, "not_utf8": 1, "missing_field": 1, "empty
 
 
 def bad_workspace(tmp_path, tokenizer_dir, **data):
+    # The 4 records kept (a1, a9, a10, m1) have buckets .421, .953, .394, .913: test below 0.4
+    # and val below 0.5 give each split one at least (a10 test, a1 val, a9 + m1 train).
+    data = {"test_fraction": 0.4, "val_fraction": 0.1, **data}
     return workspace(tmp_path, {"bad.jsonl": b"\n".join(BAD) + b"\n",
                                 "mcq.jsonl": "\n".join(MCQ) + "\n"}, SOURCES, tokenizer_dir, **data)
 
@@ -238,11 +241,16 @@ def test_csv_parquet_chat_sharegpt_and_field_mapping(tmp_path, tokenizer_dir, mo
         {"path": "data/raw/chat.jsonl", "format": "chat"},
         {"path": "data/raw/mcq.json", "format": "mcq", "fields": {"question": "q", "options": "choices"}},
         {"path": "data/raw/p.parquet", "format": "alpaca", "fields": {"output": "answer"}},
-    ], tokenizer_dir, on_invalid="skip", val_fraction=0.0, test_fraction=0.0)
+    ], tokenizer_dir, on_invalid="skip", val_fraction=0.15, test_fraction=0.3)
     pq.write_table(pa.table({"instruction": ["Define shock."], "answer": ["Circulatory failure."]}),
                    ws / "data" / "raw" / "p.parquet")
     assert prepare(ws, monkeypatch) == 0
-    train = {r["record_id"] or r["source"]: r for r in rows(ws, "train")}
+    # buckets: parquet row .238 and chat-1 .246 -> test; csv-1 .421 -> val; the rest train
+    splits = {r["record_id"] or r["source"]: name for name, split in all_rows(ws).items()
+              for r in split}
+    assert splits == {"data/raw/p.parquet:row 1": "test", "chat-1": "test", "csv-1": "val",
+                      "csv-2": "train", "chat-2": "train", "mcq-1": "train", "mcq-2": "train"}
+    train = {r["record_id"] or r["source"]: r for split in all_rows(ws).values() for r in split}
     rejects = [json.loads(x) for x in (ws / "data/prepared/rejects.jsonl").read_text().splitlines()]
     assert [(r["source"], r["reason"]) for r in rejects] == [
         ("data/raw/qa.csv:5", "missing_field"), ("data/raw/chat.jsonl:3", "invalid_messages"),
@@ -284,13 +292,14 @@ def test_phi_error_names_file_line_and_kinds_never_the_value(tmp_path, tokenizer
 
 
 def test_phi_redact_replaces_and_counts(tmp_path, tokenizer_dir, monkeypatch):
-    ws = workspace(tmp_path, {"phi.jsonl": "\n".join(PHI_LINES) + "\n"},
+    lines = PHI_LINES + qa_lines(11, start=1)  # qa-0..11 fill every split (EXPECTED_SPLIT)
+    ws = workspace(tmp_path, {"phi.jsonl": "\n".join(lines) + "\n"},
                    [{"path": "data/raw/phi.jsonl", "format": "alpaca"}], tokenizer_dir,
-                   phi="redact", val_fraction=0.0, test_fraction=0.0)
+                   phi="redact")
     assert prepare(ws, monkeypatch) == 0
     metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
     assert metrics["phi"] == {"email": 1, "phone": 1, "nir": 0, "ssn": 0, "dob": 0, "mrn": 0, "name": 0}
-    redacted = [r for r in rows(ws, "train") if r["record_id"] == "p"][0]
+    redacted = [r for split in all_rows(ws).values() for r in split if r["record_id"] == "p"][0]
     assert redacted["reference"] == "Write to [EMAIL] or call [PHONE]."
 
 
