@@ -271,10 +271,11 @@ class DivergenceGuard:
         self.start: float | None = None   # the run's first logged training loss
         self.last_ok = 0                  # last logged step within factor x start
         self.above = False
+        self.trainable: list | None = None
 
     def _track(self, loss: float, step: int) -> None:
         self.start = loss if self.start is None else self.start
-        self.above = self.factor is not None and loss > self.factor * self.start
+        self.above = self.factor is not None and self.start > 0 and loss > self.factor * self.start
         if not self.above:
             self.last_ok = step
 
@@ -287,8 +288,9 @@ class DivergenceGuard:
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.scaled or model is None:
             return
-        grads = [(name, p.grad) for name, p in model.named_parameters()
-                 if p.requires_grad and p.grad is not None]
+        if self.trainable is None:  # the adapter's tensors: a few hundred of a model's thousands
+            self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = [(name, p.grad) for name, p in self.trainable if p.grad is not None]
         grads = [(name, g.to_local() if hasattr(g, "to_local") else g) for name, g in grads]
         grads = [(name, g) for name, g in grads if g.numel()]
         if not grads:
