@@ -255,8 +255,9 @@ def check_splits(splits: dict[str, list], rows: dict[str, list], data: DataParam
         if rows[name]:
             continue
         if splits[name]:
-            why = (f"its {len(splits[name])} records are all longer than data.max_seq_length "
-                   f"({data.max_seq_length}) and were dropped; raise data.max_seq_length" +
+            why = (f"every record in it ({len(splits[name])}) is longer than "
+                   f"data.max_seq_length ({data.max_seq_length}) and was dropped; raise "
+                   "data.max_seq_length" +
                    (" or set data.overlength: truncate" if data.overlength == "drop" else
                     " (their prompts alone are longer)"))
         elif name == "train":

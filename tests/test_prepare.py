@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import ROOT, TINY_MODEL, write_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medqlora.config import build_params
+from medqlora.dataset import SPLITS, check_splits
+from medqlora.records import DataError
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import make_tokenizer  # noqa: E402
@@ -165,6 +172,110 @@ def test_overlength_drop_is_counted(tmp_path, tokenizer_dir, monkeypatch):
     metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
     assert (metrics["truncated"], metrics["dropped_overlength"]) == (0, 1)
     assert sum(metrics["splits"].values()) == 3
+
+
+# ------------------------------------------------------------------ empty sources and splits
+
+def earlier_outputs(ws: Path) -> dict[Path, bytes]:
+    """A previous run's outputs, which a failed prepare must leave byte for byte."""
+    files = {ws / "data/prepared/train.parquet": b"earlier train split",
+             ws / "data/prepared/meta.json": b'{"stage": "prepare"}\n',
+             ws / "metrics/prepare.json": b'{"records_in": 12}\n'}
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return files
+
+
+def assert_untouched(ws: Path, files: dict[Path, bytes]) -> None:
+    assert {p: p.read_bytes() for p in files} == files
+    assert sorted(p.name for p in (ws / "data/prepared").iterdir()) == ["meta.json",
+                                                                       "train.parquet"]
+    assert sorted(p.name for p in (ws / "data").iterdir()) == ["prepared", "raw"]  # no temp
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n\t\n", b"\xef\xbb\xbf\n"],
+                         ids=["empty", "blank-lines", "bom-only"])
+def test_a_source_without_records_fails_naming_it(tmp_path, tokenizer_dir, monkeypatch, capfd,
+                                                  content):
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n", "empty.jsonl": content},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"},
+                    {"path": "data/raw/empty.jsonl", "format": "alpaca"}], tokenizer_dir)
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert capfd.readouterr().err.splitlines()[-3:] == [
+        "data/raw/empty.jsonl: holds no records (the file is empty or has blank lines only); "
+        "fill it or remove it from data.sources",
+        "fix the files named above",
+        "prepare: nothing was written (data/prepared and metrics/prepare.json left as they were)"]
+    assert_untouched(ws, files)
+
+
+def test_a_source_whose_records_are_all_skipped_fails_naming_it(tmp_path, tokenizer_dir,
+                                                                monkeypatch, capfd):
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n",
+                              "bad.jsonl": b'{"instruction": "x"}\n{"output": "y"}\n'},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"},
+                    {"path": "data/raw/bad.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   on_invalid="skip")
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert ("data/raw/bad.jsonl: all 2 records are invalid; set data.on_invalid: error to list "
+            "them with their reasons") in capfd.readouterr().err.splitlines()
+    assert_untouched(ws, files)
+
+
+def test_an_empty_split_fails_naming_the_fraction(tmp_path, tokenizer_dir, monkeypatch, capfd):
+    # 12 records, buckets in EXPECTED_SPLIT's comment: val (between test 0.25 and 0.25 + 0.01)
+    # gets none; test gets 7, train 4.
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   val_fraction=0.01)
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert capfd.readouterr().err.splitlines()[-2:] == [
+        "data/prepared/val.parquet: the val split would be empty: none of the 12 unique records "
+        "fell in it (data.val_fraction: 0.01, about 0.1 expected); raise data.val_fraction or "
+        "add records",
+        "prepare: nothing was written (data/prepared and metrics/prepare.json left as they were)"]
+    assert_untouched(ws, files)
+
+
+def test_a_split_emptied_by_overlength_drops_names_max_seq_length(tmp_path, tokenizer_dir,
+                                                                  monkeypatch, capfd):
+    # qa-1 is the only val record (bucket .283); a 600-word answer makes it overlong
+    lines = qa_lines(12)
+    lines[1] = QA.format(id="qa-1", q="Question number 1 about the kidney?", a=LONG)
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(lines) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   overlength="drop")
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert ("data/prepared/val.parquet: the val split would be empty: every record in it (1) "
+            "is longer than data.max_seq_length (128) and was dropped; raise "
+            "data.max_seq_length or set data.overlength: truncate"
+            ) in capfd.readouterr().err.splitlines()
+    assert_untouched(ws, files)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.tuples(*[st.integers(0, 3)] * 3), kept=st.tuples(*[st.booleans()] * 3))
+def test_check_splits_fails_exactly_when_a_split_has_no_row(sizes, kept):
+    data = build_params(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))).data
+    splits = {name: ["example"] * n for name, n in zip(SPLITS, sizes)}
+    rows = {name: splits[name] if keep else [] for name, keep in zip(SPLITS, kept)}
+    empty = [name for name in SPLITS if not rows[name]]
+    if not empty:
+        check_splits(splits, rows, data, Path("data/prepared"))
+        return
+    with pytest.raises(DataError) as err:
+        check_splits(splits, rows, data, Path("data/prepared"))
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        f"data/prepared/{name}.parquet" for name in empty]
+    for name, problem in zip(empty, err.value.problems):
+        setting = ("data.max_seq_length" if splits[name] else
+                   "data.val_fraction" if name in ("train", "val") else "data.test_fraction")
+        assert setting in problem, problem
 
 
 # ------------------------------------------------------------------ split
