@@ -32,10 +32,12 @@ CASES = {
     "billion laughs under runner.env": bomb() + env("*x8"),
     "recursive alias": BASE + "loop: &a [1, *a]\n",
     "2,000 nested lists": BASE + "deep: " + "[" * 2000 + "]" * 2000 + "\n",
+    "120,000 open brackets": BASE + "deep: " + "[" * 120_000 + "\n",
+    "700 indentation levels": BASE + "".join(" " * i + f"k{i}:\n" for i in range(700)),
     "85,000 flow values (256 KB)": env("[" + ", ".join(["[]", "{}"] * 42_500)[:250_000] + "]"),
-    "4,900 mixed items (non-unique)": env("[" + ", ".join(["[]", "{}"] * 2450) + "]"),
-    "4,900 strings, block style": BASE.replace("  env: []", "  env:\n" + "".join(
-        f"    - V{i:06d}\n" for i in range(4900))),
+    "4,700 mixed items (non-unique)": env("[" + ", ".join(["[]", "{}"] * 2350) + "]"),
+    "4,700 strings, block style": BASE.replace("  env: []", "  env:\n" + "".join(
+        f"    - V{i:06d}\n" for i in range(4700))),
     "250 KB of comments": BASE + "#" + "x" * 250_000 + "\n",
     "250 KB model.base": BASE.replace("models/tiny-med-llama", "a" * 250_000, 1),
     "5,000-digit seed": BASE.replace("seed: 42", "seed: " + "9" * 5000),

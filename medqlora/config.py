@@ -233,6 +233,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     composed = 0
 
+    # The scanner's cost grows with the square of the nesting (it revisits every open level at
+    # each token: 2,000 "[" took 1.6 s, 100,000 would take hours), so depth is capped as the
+    # text is scanned, in flow ([{) and block (indentation) style alike.
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _OverLimit(problem=f"nested deeper than {MAX_YAML_DEPTH} levels (the limit "
+                                     "for a params file)", problem_mark=self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def add_indent(self, column):
+        if len(self.indents) >= MAX_YAML_DEPTH:
+            raise _OverLimit(problem=f"nested deeper than {MAX_YAML_DEPTH} levels (the limit "
+                                     "for a params file)", problem_mark=self.get_mark())
+        return super().add_indent(column)
+
     def compose_node(self, parent, index):
         # Stops the parser itself early: 256 KB of "[]," would be 85,000 nodes (about 3 s).
         self.composed += 1
@@ -551,7 +566,14 @@ def validate_document(doc: Any, root: Path = Path(".")) -> list[str]:
                         non_finite.items(), key=lambda kv: list(map(str, kv[0])))
                     if where not in typed)
     problems.extend(_cross_field(doc, root))
-    return list(dict.fromkeys(problems))  # stable de-duplication
+    return list(dict.fromkeys(map(_shorten, problems)))  # stable de-duplication
+
+
+def _shorten(problem: str, limit: int = 1000) -> str:
+    """A problem that quotes a huge value (a 5,000-item list) keeps its key path and verdict."""
+    if len(problem) <= limit:
+        return problem
+    return f"{problem[:limit - 200]} ... {problem[-150:]}"
 
 
 def warnings_for(params: Params) -> list[str]:
