@@ -258,6 +258,43 @@ def test_a_split_emptied_by_overlength_drops_names_max_seq_length(tmp_path, toke
     assert_untouched(ws, files)
 
 
+BOMB = "".join(f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}" if i else '"lol"'] * 9) + "]\n"
+               for i in range(9))  # 9^9 values once expanded
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda text, ws: BOMB + text.replace("runner:\n", "runner:\n  env: *x8\n", 1),
+     "params.yaml:4:5: expands to more than 5,000 values once its aliases are expanded (the "
+     "limit for a params file); write the values out, or use fewer aliases"),
+    (lambda text, ws: text.replace("val_fraction: 0.25", "val_fraction: .nan", 1),
+     "data.val_fraction: nan is not a finite number (NaN and infinities are refused)"),
+    (lambda text, ws: text.replace("data/raw/qa.jsonl", "../outside.jsonl"),
+     "data.sources[0].path: ../outside.jsonl lies outside the project folder {ws}: nothing "
+     "versions it; copy it into the project (e.g. under data/raw/)"),
+    (lambda text, ws: text.replace("data/raw/qa.jsonl", "data/raw/link.jsonl"),
+     "data.sources[0].path: data/raw/link.jsonl lies outside the project folder {ws} (a symlink "
+     "to {outside}): nothing versions it; copy it into the project (e.g. under data/raw/)"),
+], ids=["alias-bomb", "nan", "dot-dot", "symlink-out"])
+def test_hostile_params_stop_prepare_before_anything_is_written(tmp_path, tokenizer_dir,
+                                                                monkeypatch, capfd, change,
+                                                                problem):
+    ws = workspace(tmp_path / "ws", {"qa.jsonl": "\n".join(qa_lines(12)) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir)
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("\n".join(qa_lines(12)) + "\n")
+    (ws / "data/raw/link.jsonl").symlink_to(outside)
+    params = ws / "params.yaml"
+    params.write_text(change(params.read_text(), ws), encoding="utf-8")
+    files = earlier_outputs(ws)
+    with pytest.raises(SystemExit) as exit_:
+        prepare(ws, monkeypatch)
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err.splitlines()
+    assert err == [problem.format(ws=ws.resolve(), outside=outside.resolve()),
+                   "prepare: params.yaml is invalid (1 problem(s)); nothing was run"]
+    assert_untouched(ws, files)
+
+
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.tuples(*[st.integers(0, 3)] * 3), kept=st.tuples(*[st.booleans()] * 3))
 def test_check_splits_fails_exactly_when_a_split_has_no_row(sizes, kept):
