@@ -332,12 +332,15 @@ def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if path.is_dir():
         raise ParamsError([f"{path}: is a directory, not a params file"])
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: reading might never end
+        raise ParamsError([f"{path}: is not a regular file"])
     try:
-        size = path.stat().st_size
-        if size > MAX_PARAMS_BYTES:
-            raise ParamsError([f"{path}: {size:,} bytes; a params file is limited to "
-                               f"{MAX_PARAMS_BYTES:,} bytes (MAX_PARAMS_BYTES)"])
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PARAMS_BYTES + 1)
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ParamsError([f"{path}: {path.stat().st_size:,} bytes; a params file is "
+                               f"limited to {MAX_PARAMS_BYTES:,} bytes (MAX_PARAMS_BYTES)"])
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ParamsError([f"{path}: file not found"]) from None
     except UnicodeDecodeError as err:

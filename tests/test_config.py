@@ -234,7 +234,7 @@ def test_costly_documents_get_one_clear_problem(tmp_path, text, problem):
     assert err.value.problems == [f"{path}{problem}"]
 
 
-def test_oversized_params_file_and_directory_are_refused(tmp_path):
+def test_oversized_params_file_directory_and_device_are_refused(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(params_text(append="# " + "x" * 300_000 + "\n"), encoding="utf-8")
     with pytest.raises(ParamsError) as err:
@@ -245,6 +245,9 @@ def test_oversized_params_file_and_directory_are_refused(tmp_path):
     with pytest.raises(ParamsError) as err:
         load_params(tmp_path)
     assert err.value.problems == [f"{tmp_path}: is a directory, not a params file"]
+    with pytest.raises(ParamsError) as err:
+        load_params("/dev/zero")                     # endless: never read
+    assert err.value.problems == ["/dev/zero: is not a regular file"]
 
 
 def test_unique_items_of_unsortable_lists_is_linear(tmp_path):
