@@ -63,8 +63,9 @@ def path_problem(path: str, root: Path, deps: list[str] | None | object = _UNSET
                 "copy it into the project (e.g. under data/raw/)")
     if any(_inside(resolved, (root / dep).resolve()) for dep in deps):
         return None
-    folders = [dep for dep in deps if (root / dep).is_dir()] or deps
+    folders = [dep for dep in deps if (root / dep).is_dir()]
+    copy = f"copy it under {folders[0]}/ (`dvc add` it if it is large), or " if folders else ""
     return (f"{path} lies outside what DVC tracks for the prepare stage "
-            f"({', '.join(folders)}){via}: editing it would not re-run prepare and the package "
-            f"lineage would name data DVC never versioned; copy it under {folders[0]}/ (`dvc add` "
-            f"it if it is large), or add its folder to the deps of stage {STAGE} in {DVC_FILE}")
+            f"({', '.join(folders or deps) or 'no deps'}){via}: editing it would not re-run "
+            "prepare and the package lineage would name data DVC never versioned; "
+            f"{copy}add its folder to the deps of stage {STAGE} in {DVC_FILE}")
