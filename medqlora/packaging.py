@@ -135,12 +135,20 @@ def dvc_lock_hashes(lock_path: Path = Path("dvc.lock"), skip: str = "package") -
 
 
 def lineage(params: Params, adapter_meta: dict, merged_meta: dict | None,
-            merged: dict[str, Any]) -> dict[str, Any]:
-    """Where the package came from: commit, dvc.lock, base, libraries, runner."""
+            merged: dict[str, Any], data_meta: dict | None = None) -> dict[str, Any]:
+    """Where the package came from: commit, dvc.lock, data sources, base, libraries, runner,
+    and whether merged weights are included (and why not).
+
+    `data_sources`: sha256 of each raw file prepare read (data/prepared/meta.json), so the
+    package names the exact data even when a source is one file of a DVC-tracked folder.
+    """
     return {
         "name": params.package.name,
         "git_commit": git_commit(),
         "dvc_lock": dvc_lock_hashes(),
+        "data_sources": None if data_meta is None else {
+            name: entry.get("sha256") for name, entry in sorted(
+                (data_meta.get("inputs") or {}).items())},
         "base": adapter_meta.get("base"),
         "quantization": adapter_meta.get("params", {}).get("quantization"),
         "merged": {**merged, **({} if merged_meta is None else {
@@ -285,7 +293,8 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
                            **({"merged": merged_dir} if merged["included"] else {})},
                    extra={"adapter": adapter_meta, "merged": merged_meta,
                           "merged_weights": merged, "prompt": prompt_format(data_meta)})
-        manifest = write_manifest(tmp, lineage(params, adapter_meta, merged_meta, merged))
+        manifest = write_manifest(tmp, lineage(params, adapter_meta, merged_meta, merged,
+                                               data_meta))
     log.info("package %s: %d files, verified by `medqlora verify %s`", out_dir,
              len(manifest["files"]), out_dir)
     return manifest

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from medqlora import checkpoints, outputs
-from tests.conftest import run
+from tests.conftest import run, write_params
 from tests.small_run import ENV, small_run, small_workspace  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -160,3 +160,62 @@ def test_prepare_on_a_full_tmpfs_fails_clearly_and_writes_nothing(small_run, tin
     assert f"{tiny_tmpfs / 'prepared'}: cannot write this output: No space left on device" \
         in proc.stderr, proc.stderr[-2000:]
     assert list(tiny_tmpfs.iterdir()) == []  # neither the output nor its temp sibling
+
+
+# ---------------------------------------------------------------- hostile and degenerate input
+
+def test_repro_stops_on_a_diverging_run_and_on_an_empty_split(small_run, tmp_path):
+    """Through DVC: no stage exits 0 after a non-finite loss or with an empty split, and nothing
+    downstream runs. (Before running a stage DVC itself deletes that stage's outputs, which stay
+    in its cache: `dvc checkout` brings them back. The stage-level "left as it was" is tested
+    in tests/test_train.py and tests/test_prepare.py.)"""
+    ws = Path(shutil.copytree(small_run.ws, tmp_path / "repo", symlinks=True))
+    lock = (ws / "dvc.lock").read_bytes()
+    adapter = files(ws / "models/adapter")
+    train_metrics = (ws / "metrics/train.json").read_bytes()
+    # lora_alpha 4096 / r 1 at learning rate 1: step 3's gradient is NaN (as tests/test_train.py)
+    write_params(ws / "params.yaml", {"lora.r": 1, "lora.lora_alpha": 4096,
+                                      "train.learning_rate": 1.0, "train.warmup_ratio": 0.0},
+                 base=ws / "params.yaml")
+    proc = run(["dvc", "repro"], ws, check=False, env=ENV)
+    assert proc.returncode != 0
+    assert "train: diverged at step 3: the gradient is not finite in 56 of 56 trainable " \
+           "tensors" in proc.stderr, proc.stderr[-3000:]
+    assert "last good checkpoint: checkpoints/train/" in proc.stderr
+    assert "Running stage 'evaluate'" not in proc.stdout + proc.stderr
+    assert (ws / "dvc.lock").read_bytes() == lock
+    assert unchanged_or_removed(ws / "metrics/train.json", train_metrics)
+    assert not (ws / "models/adapter").exists() or files(ws / "models/adapter") == adapter
+
+    run(["git", "checkout", "params.yaml"], ws)
+    run(["dvc", "checkout"], ws)
+    assert files(ws / "models/adapter") == adapter
+    prepared = (ws / "metrics/prepare.json").read_bytes()
+    data = files(ws / "data/prepared")
+    # 1,003 records, none with a bucket in [0.1, 0.1001): the val split comes out empty
+    write_params(ws / "params.yaml", {"data.val_fraction": 0.0001}, base=ws / "params.yaml")
+    proc = run(["dvc", "repro"], ws, check=False, env=ENV)
+    assert proc.returncode != 0
+    assert ("data/prepared/val.parquet: the val split would be empty: none of the 1003 unique "
+            "records fell in it (data.val_fraction: 0.0001, about 0.1 expected); raise "
+            "data.val_fraction or add records") in proc.stderr, proc.stderr[-3000:]
+    assert "Running stage 'train'" not in proc.stdout + proc.stderr
+    assert (ws / "dvc.lock").read_bytes() == lock
+    assert unchanged_or_removed(ws / "metrics/prepare.json", prepared)
+    assert not (ws / "data/prepared").exists() or files(ws / "data/prepared") == data
+
+
+def unchanged_or_removed(path: Path, before: bytes) -> bool:
+    """DVC deletes a stage's outputs before running it: a failed stage leaves them absent (or,
+    where DVC kept them, as they were), never rewritten."""
+    return not path.exists() or path.read_bytes() == before
+
+
+def test_package_lineage_names_every_data_source_and_its_hash(small_run):
+    ws = small_run.ws
+    manifest = json.loads((ws / "artifacts/package/manifest.json").read_text())
+    meta = json.loads((ws / "data/prepared/meta.json").read_text())
+    want = {name: outputs.sha256_file(ws / name)
+            for name in ("data/raw/labs.jsonl", "data/raw/mcq.jsonl", "data/raw/qa.jsonl")}
+    assert manifest["lineage"]["data_sources"] == want
+    assert {name: entry["sha256"] for name, entry in meta["inputs"].items()} == want
