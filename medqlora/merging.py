@@ -325,6 +325,30 @@ def requantized_parity(out_dir: Path, settings, ref: Reference) -> dict:
     return stats
 
 
+def exceeds_gpu(settings: modeling.LoadSettings, adapter_meta: dict) -> str | None:
+    """Why the merge cannot run on this GPU (memory.estimate_merge above its memory), or None.
+
+    The float32 base a 7B merge computes in takes ~28 GiB: on a smaller card the stage says so
+    before loading anything, instead of failing out of memory."""
+    if settings.precision.device != "cuda":
+        return None
+    from medqlora import memory
+    try:
+        arch = memory.Arch.from_config(memory.read_model_config(settings.model))
+    except (memory.CannotEstimate, KeyError):
+        return None
+    lora = adapter_meta.get("params", {}).get("lora", {})
+    targets = lora.get("target_modules") or memory.PROJECTIONS
+    setup = memory.Setup(batch=1, seq=1, r=int(lora.get("r", 64)),
+                         targets=memory.PROJECTIONS if targets == "all-linear" else tuple(targets))
+    need = memory.estimate_merge(arch, setup, 2048).total
+    limit, what = memory.device_limit(None)
+    if limit is None or need <= limit:
+        return None
+    return (f"merge needs an estimated {need / memory.GIB:.1f} GiB of GPU memory (the base in "
+            f"float32), more than {what}")
+
+
 def publish_without_weights(out_dir: Path, params: Params, adapter_dir: Path,
                             extra: dict[str, Any]) -> None:
     """A merged folder holding only meta.json, which says why there are no weights."""
@@ -368,6 +392,14 @@ def run_merge(params: Params, data_dir: str | Path, adapter_dir: str | Path,
                          f"{adapter_dir}/meta.json records quantization.load_in_4bit: false; "
                          "use merge.into: original for a plain LoRA adapter")
     dtype = STORAGE_DTYPES[merge.dtype]
+    too_big = exceeds_gpu(settings, adapter_meta)
+    if too_big:
+        publish_without_weights(out_dir, params, adapter_dir, {"merged": False, "reason": too_big})
+        write_json(metrics_path, {"enabled": True, "into": merge.into, "dtype": merge.dtype,
+                                  "passed": None, "reason": too_big})
+        log.error("%s: %s holds no weights; the package ships the adapter alone", too_big,
+                  out_dir)
+        return 0
     ref = reference_pass(settings, adapter_dir, parity_prompts(data_dir, merge.parity_prompts))
     chosen = ref.weights if merge.into == "dequantized" else None
 

@@ -171,6 +171,8 @@ def _parity(merge: dict | None) -> str:
         return "_No merge recorded._"
     if merge.get("enabled") is False:
         return "Merging was disabled (`merge.enabled: false`): deploy the adapter on the 4-bit base."
+    if merge.get("passed") is None and merge.get("reason"):
+        return f"Not merged: {merge['reason']}. Deploy the adapter on the 4-bit base."
     floor, effect = merge.get("noise_floor") or {}, merge.get("adapter_effect") or {}
     text = (f"Merged in float32 into the **{merge.get('into')}** base weights, stored in "
             f"{merge.get('dtype')}. On {merge.get('n_prompts')} held-out test prompts "
