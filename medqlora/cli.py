@@ -111,6 +111,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a verified package for vLLM, llama.cpp (GGUF) and Ollama."""
+    from medqlora import export
+    logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    unknown = sorted(set(targets) - set(export.TARGETS))
+    if unknown or not targets:
+        print(f"--targets: {', '.join(unknown) or 'empty'}: choose from "
+              f"{', '.join(export.TARGETS)}", file=sys.stderr)
+        return EXIT_INVALID
+    if _refuse_unverified(args.package):
+        return 1
+    try:
+        record = export.export(args.package, args.out, targets, args.gguf_type,
+                               args.max_lora_rank, args.llama_cpp)
+    except export.ExportError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.package}: export failed; {args.out} was not written", file=sys.stderr)
+        return 1
+    for rel in sorted(record["files"]):
+        print(f"{args.out}/{rel}")
+    if "vllm" in record["targets"]:
+        print(f"\nvLLM (from {args.out}):\n{record['targets']['vllm']['command']}")
+    return 0
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Estimate the train run's peak GPU memory; refuse (exit 3) when it will not fit."""
     from medqlora.memory import EXIT_WONT_FIT, preflight
@@ -162,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256,
                      help="requests waiting beyond this get 503 server_overloaded")
     srv.set_defaults(func=cmd_serve)
+    exp = sub.add_parser("export", help="export a verified package for vLLM, llama.cpp, Ollama")
+    exp.add_argument("package", help="package folder (e.g. artifacts/package)")
+    exp.add_argument("--out", required=True, help="export folder (e.g. artifacts/export)")
+    exp.add_argument("--targets", default="vllm,gguf,ollama",
+                     help="comma-separated: vllm, gguf, ollama (default: all)")
+    exp.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"],
+                     help="GGUF tensor type (auto: the weights' own 16-bit type)")
+    exp.add_argument("--max-lora-rank", type=int,
+                     help="the vLLM --max-lora-rank the adapter must fit (default: the smallest "
+                          "allowed value >= its rank)")
+    exp.add_argument("--llama-cpp", help="llama.cpp source folder with the converters "
+                     "(default: .cache/llama.cpp/src/vendor/llama.cpp from `make llama-cpp`)")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

@@ -18,13 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run
+from package_fixture import NAME, QUESTIONS, tiny_package  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
-NAME = "medqlora-tiny-med"
-QUESTIONS = ["What is anaemia?", "First-line treatment of hypertension?",
-             "What does a high TSH mean?", "Define tachycardia.",
-             "Which drug class is metformin?", "Quelle est la cause de l'anémie ?",
-             "What is the normal range of potassium?", "Explain hypoglycaemia in one sentence."]
 
 
 def free_port() -> int:
@@ -83,18 +79,14 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory, tiny_model) -> Path:
-    """A package built as tests/test_package.py builds one (trained adapter, merged weights)."""
-    from test_package import _build, _inputs
-    tmp = tmp_path_factory.mktemp("serve")
-    _build(_inputs(tmp, tiny_model), tmp / "package")
-    return tmp / "package"
+def package(tiny_package) -> Path:
+    return tiny_package
 
 
 @pytest.fixture(scope="module")
 def expected(package) -> list[str]:
     """`medqlora generate`'s answers (one line each) to QUESTIONS."""
-    questions = package.parent / "questions.jsonl"
+    questions = package.parent / "serve-questions.jsonl"
     questions.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
     out = run([sys.executable, "-m", "medqlora.cli", "generate", "--package", str(package),
                "--file", str(questions)], ROOT).stdout.splitlines()
