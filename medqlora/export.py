@@ -25,7 +25,7 @@ commit as the llama.cpp library tests/test_export.py loads them with. One thing 
 the converter does not recognise a BPE tokenizer's pre-tokenizer (its table is keyed by hashes of
 known models' token ids, so a newly trained tokenizer such as the embedded tiny base's is never
 in it) and the tokenizer.json declares exactly GPT-2's byte-level pre-tokenizer, the converter is
-told "gpt2", llama.cpp's name for that pre-tokenizer. Nothing else of the conversion changes, and
+told "gpt-2", llama.cpp's name for that pre-tokenizer. Nothing else of the conversion changes, and
 the test checks that llama.cpp then tokenises the test prompts to the same ids as transformers.
 
 The chat template. A base without a chat template (the tiny base, Mistral-7B-v0.1) was trained
@@ -218,7 +218,7 @@ def llama_cpp_source(path: str | Path | None = None) -> Path:
 
 
 # Runs a converter script as `python script.py ARGS`, with one addition (module docstring): an
-# unrecognised BPE pre-tokenizer that tokenizer.json declares as exactly GPT-2's is named "gpt2".
+# unrecognised BPE pre-tokenizer that tokenizer.json declares as exactly GPT-2's is named "gpt-2".
 _CONVERT = """
 import json, runpy, sys
 from pathlib import Path
@@ -234,8 +234,8 @@ def get_vocab_base_pre(self, tokenizer):
         declared = json.loads((Path(self.dir_model) / "tokenizer.json").read_text("utf-8"))
         if declared.get("pre_tokenizer") == %s:
             print("medqlora: pre-tokenizer not in llama.cpp's table; tokenizer.json declares "
-                  "GPT-2's byte-level regex: tokenizer.ggml.pre = gpt2", file=sys.stderr)
-            return "gpt2"
+                  "GPT-2's byte-level regex: tokenizer.ggml.pre = gpt-2", file=sys.stderr)
+            return "gpt-2"
         raise
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 runpy.run_path(str(script), run_name="__main__")

@@ -44,8 +44,9 @@ cmake -S "$HOME_DIR/src/vendor/llama.cpp" -B "$HOME_DIR/build" -DCMAKE_BUILD_TYP
     -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_CURL=OFF -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' \
-    >"$HOME_DIR/cmake.log"
-cmake --build "$HOME_DIR/build" --target llama --parallel "$JOBS" >>"$HOME_DIR/cmake.log"
+    >"$HOME_DIR/cmake.log" 2>&1 || { tail -n 40 "$HOME_DIR/cmake.log" >&2; exit 1; }
+cmake --build "$HOME_DIR/build" --target llama --parallel "$JOBS" >>"$HOME_DIR/cmake.log" 2>&1 \
+    || { tail -n 40 "$HOME_DIR/cmake.log" >&2; exit 1; }
 t2=$SECONDS
 
 # The binding from the same sdist, without its native build (LLAMA_BUILD=OFF); --no-cache-dir

@@ -170,7 +170,7 @@ def test_gguf_loads_with_template_eos_and_same_tokenization(exported, prompts):
     assert meta["tokenizer.chat_template"] == template
     assert (model.token_eos(), model.token_bos()) == (tokenizer.eos_token_id,
                                                       tokenizer.bos_token_id)
-    assert meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"
     for question, want in zip(QUESTIONS, ids):
         text = format_prompt(tokenizer, question)
         assert model.tokenize(text.encode("utf-8"), add_bos=True, special=True) == want

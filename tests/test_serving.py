@@ -221,3 +221,29 @@ def test_serve_refuses_a_package_that_fails_verify(package, tmp_path):
     proc = run([sys.executable, "-m", "medqlora.cli", "serve", str(bad)], ROOT, check=False)
     assert proc.returncode == 1
     assert "altered: generation_config.json" in proc.stderr and "refusing" in proc.stderr
+
+
+def test_serve_pulls_a_tagged_package_through_dvc(tiny_package, expected, tmp_path):
+    """`medqlora serve --repo --rev --artifact` in an empty folder: dvc artifacts get (and the
+    base beside it), verify, serve; the answer is the package's."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_package, repo / "artifacts/package")
+    shutil.copytree(ROOT / "models/tiny-med-llama", repo / "models/tiny-med-llama")
+    (repo / "dvc.yaml").write_text(
+        f"artifacts:\n  {NAME}:\n    path: artifacts/package\n    type: model\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "artifacts/package"],
+                ["git", "add", "-A"], [*git, "commit", "-qm", "v1"], ["git", "tag", "v1.0.0"],
+                [*git, "tag", "-a", f"{NAME}@v1.0.0", "-m", "v1.0.0"]):
+        run(cmd, repo)
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    served = Served(["--repo", str(repo), "--rev", "v1.0.0", "--artifact", NAME], deploy,
+                    tmp_path / "serve.log")
+    try:
+        assert (deploy / "artifacts/package/manifest.json").read_bytes() == \
+            (tiny_package / "manifest.json").read_bytes()
+        assert (deploy / "models/tiny-med-llama/config.json").is_file()
+        assert chat(served.client(), QUESTIONS[0]).choices[0].message.content == expected[0]
+    finally:
+        served.stop()
