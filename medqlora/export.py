@@ -196,9 +196,9 @@ def export_vllm(package: Path, out: Path, info: dict[str, Any], tokenizer,
         f"{config['r']}, {len({n.split('.lora_')[0] for n in names if '.lora_' in n})} LoRA "
         f"modules), checked against vLLM's load-time rules. From the export folder:\n\n"
         f"```bash\n{command}\n```\n\nClients send `\"model\": \"{info['name']}\"`. "
-        "`chat_template.jinja` renders the prompt format the adapter was trained on (the base "
-        "has no chat template of its own); the generation override is the package's decoding "
-        "setting (`temperature 0` is greedy in vLLM).\n", encoding="utf-8")
+        "`chat_template.jinja` renders the prompts exactly as training built them (template "
+        "and system text); the generation override is the package's decoding setting "
+        "(`temperature 0` is greedy in vLLM).\n", encoding="utf-8")
     return {"command": command, "rank": config["r"]}
 
 

@@ -7,7 +7,8 @@
         -d '{"model": "medqlora-tiny-med", "messages": [{"role": "user", "content": "What is anaemia?"}]}'
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not), POST /v1/completions,
-GET /health, GET /metrics (Prometheus text). FastAPI on uvicorn.
+GET /health, GET /metrics (Prometheus text). FastAPI on uvicorn; imported at the top, so the
+project image's build (which imports every medqlora module) fails if its lock lacks them.
 
 One generation path. The model is loaded by packaging.load_for_generation (as `medqlora
 generate` loads it), chat prompts are built by templates.format_messages (the template and
@@ -39,7 +40,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria
 
 from medqlora import generation
@@ -73,7 +81,6 @@ class Metrics:
     """The Prometheus series of one server, in a registry of its own."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("medqlora_requests", "HTTP requests answered, by endpoint and "
@@ -101,7 +108,6 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
 
     def exposition(self) -> bytes:
-        from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
 
@@ -506,10 +512,6 @@ async def _stream_events(job: Job, chunk, include_usage: bool):
 def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
     """The FastAPI application (the engine is started and stopped with it)."""
     from contextlib import asynccontextmanager
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     server = Server(loaded, engine, metrics)
 
@@ -555,7 +557,6 @@ def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
 
     @app.get("/metrics")
     async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -688,7 +689,6 @@ def serve(package_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
           merged: bool = False, name: str | None = None, max_batch_size: int = 8,
           batch_wait_ms: float = 10.0, max_queue: int = 256) -> None:
     """Load a (verified) package and serve it until interrupted."""
-    import uvicorn
     loaded = load_package(package_dir, merged, name)
     metrics = Metrics()
     engine = Engine(loaded, metrics, max_batch_size, batch_wait_ms, max_queue)

@@ -135,6 +135,18 @@ def test_streaming_adds_up_to_the_same_answer(server, expected):
         assert chunks[-1].usage.completion_tokens > 0      # the usage chunk comes last
 
 
+def test_stop_strings_cut_the_answer(server, expected):
+    client = server.client()
+    answer = expected[0]
+    stop = answer.split()[1]                  # a word inside the greedy answer
+    want = answer[:answer.index(stop)].strip()
+    reply = chat(client, QUESTIONS[0], stop=[stop])
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (want, "stop")
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(
+        client, QUESTIONS[0], stop=stop, stream=True) if c.choices)
+    assert streamed == want
+
+
 def test_concurrent_requests_are_batched_and_equal(server, expected):
     client = server.client()
     before = server.metrics()
