@@ -6,9 +6,9 @@ package's chat template and eos, and llama.cpp's greedy tokens equal transformer
 Tolerance of the token comparison: the GGUF files are written in f32 and transformers runs the
 same weights in float32, so the two differ only by the order of float32 sums; greedy decoding
 of MAX_NEW tokens must then give the same tokens on every test prompt (measured: identical on
-8 of 8 prompts for both the merged model and base + LoRA). The served model (4-bit base +
-adapter, bf16 compute) is a different computation; its agreement is measured in
-bench-style output (`-s`), not asserted.
+8 of 8 prompts for both the merged model and base + LoRA, 156 tokens each). The served model
+(4-bit base + adapter, bf16 compute) is a different computation: bench/bench_gguf.py measures
+its agreement (11 of 12 answers equal), it is not asserted here.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def exported(tiny_package, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_vllm_folder_and_command(exported, tiny_package):
     vllm = exported / "vllm"
     assert sorted(p.name for p in vllm.iterdir()) == [
@@ -110,6 +111,7 @@ def test_chat_template_renders_the_training_prompt(tiny_model):
                 format_messages(tokenizer, messages, system))["input_ids"], (system, messages)
 
 
+@pytest.mark.slow
 def test_modelfiles(exported):
     gguf = exported / "gguf"
     merged = (gguf / "Modelfile").read_text().splitlines()
