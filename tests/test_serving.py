@@ -19,6 +19,7 @@ import pytest
 
 from conftest import ROOT, run
 from package_fixture import NAME, QUESTIONS, tiny_package  # noqa: F401  (fixture)
+from test_container import engine  # noqa: F401  (fixture: the Docker engine and project image)
 
 pytestmark = pytest.mark.slow
 
@@ -259,3 +260,42 @@ def test_serve_pulls_a_tagged_package_through_dvc(tiny_package, expected, tmp_pa
         assert chat(served.client(), QUESTIONS[0]).choices[0].message.content == expected[0]
     finally:
         served.stop()
+
+
+# A client inside the container (its network is "none"): wait for /health, ask one question.
+IN_CONTAINER_CLIENT = """
+import json, sys, time, urllib.request as u
+for _ in range(600):
+    try:
+        u.urlopen("http://127.0.0.1:8000/health", timeout=2)
+        break
+    except OSError:
+        time.sleep(0.5)
+body = {"model": sys.argv[1], "messages": [{"role": "user", "content": sys.argv[2]}]}
+req = u.Request("http://127.0.0.1:8000/v1/chat/completions", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"})
+print(json.load(u.urlopen(req, timeout=300))["choices"][0]["message"]["content"])
+"""
+
+
+@pytest.mark.docker
+def test_project_image_serves_the_package(engine, tiny_package, expected, tmp_path):  # noqa: F811
+    """`medqlora serve` in the project image (containers/Dockerfile), as a deployment runs it."""
+    client, tag = engine
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_package, ws / "artifacts/package")
+    shutil.copytree(ROOT / "models/tiny-med-llama", ws / "models/tiny-med-llama")
+    container = client.containers.run(
+        tag, ["medqlora", "serve", "artifacts/package", "--port", "8000"], detach=True,
+        network_mode="none", working_dir=str(ws), user=f"{os.getuid()}:{os.getgid()}",
+        environment={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        volumes={str(ws): {"bind": str(ws), "mode": "rw"},
+                 str(ROOT): {"bind": str(ROOT), "mode": "ro"}})
+    try:
+        code, out = container.exec_run(["python", "-c", IN_CONTAINER_CLIENT, NAME, QUESTIONS[0]])
+        logs = container.logs().decode(errors="replace")
+        assert code == 0, f"{out.decode(errors='replace')}\n--- serve log\n{logs[-3000:]}"
+        assert out.decode().strip() == expected[0]
+        assert "Traceback" not in logs
+    finally:
+        container.remove(force=True)
