@@ -477,6 +477,56 @@ class Server:
                 return event[1], event[2], event[3], event[4]
 
 
+    async def chat(self, req: ChatRequest):
+        """POST /v1/chat/completions: a chat.completion, or a stream of chunks."""
+        self.check(req)
+        job = self.job(req, self.chat_prompt(req), req.max_completion_tokens or req.max_tokens)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.loaded.name}
+        if req.stream:
+            def chunk(text, reason, usage=None):
+                choices = [] if usage else [{"index": 0, "finish_reason": reason, "delta": (
+                    {"role": "assistant", "content": text} if text else {})}]
+                return {**head, "object": "chat.completion.chunk", "choices": choices,
+                        **({"usage": usage} if usage else {})}
+            return self.stream(job, chunk, req)
+        answer, reason, prompt, completion = await self.run(job)
+        return {**head, "object": "chat.completion", "usage": _usage(prompt, completion),
+                "choices": [{"index": 0, "finish_reason": reason, "logprobs": None,
+                             "message": {"role": "assistant", "content": answer}}]}
+
+    async def completions(self, req: CompletionRequest):
+        """POST /v1/completions: raw prompts (no template), each answered as one choice."""
+        self.check(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or (req.stream and len(prompts) > 1):
+            raise APIError(400, "prompt: one text to stream, or a non-empty list without "
+                           "stream", param="prompt")
+        jobs = [self.job(req, self.loaded.tokenizer(p)["input_ids"], req.max_tokens)
+                for p in prompts]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.loaded.name, "object": "text_completion"}
+        if req.stream:
+            def chunk(text, reason, usage=None):
+                choices = [] if usage else [{"index": 0, "text": text or "",
+                                             "finish_reason": reason, "logprobs": None}]
+                return {**head, "choices": choices, **({"usage": usage} if usage else {})}
+            return self.stream(jobs[0], chunk, req)
+        answers = await asyncio.gather(*(self.run(job) for job in jobs))
+        choices = [{"index": i, "text": (prompts[i] if req.echo else "") + answer,
+                    "finish_reason": reason, "logprobs": None}
+                   for i, (answer, reason, _, _) in enumerate(answers)]
+        return {**head, "choices": choices, "usage": _usage(
+            sum(a[2] for a in answers), sum(a[3] for a in answers))}
+
+    def stream(self, job: Job, chunk, req: _Sampling) -> StreamingResponse:
+        """Queue the job now (an overloaded queue answers 503 before any byte is sent)."""
+        self.engine.submit(job)
+        include = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_stream_events(job, chunk, include),
+                                 media_type="text/event-stream")
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
@@ -509,20 +559,8 @@ async def _stream_events(job: Job, chunk, include_usage: bool):
             job.cancelled = True   # the client went away: free the row at the next step
 
 
-def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
-    """The FastAPI application (the engine is started and stopped with it)."""
-    from contextlib import asynccontextmanager
-
-    server = Server(loaded, engine, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        await asyncio.to_thread(engine.stop)
-
-    app = FastAPI(title="medqlora", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+def _error_handlers(app) -> None:
+    """Every error answers with OpenAI's body; an unexpected one is logged, never sent."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -549,6 +587,23 @@ def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
         return JSONResponse(APIError(500, f"internal server error ({type(err).__name__}); "
                                      "see the server log", "server_error").body(), status_code=500)
 
+
+def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
+    """The FastAPI application (the engine is started and stopped with it)."""
+    from contextlib import asynccontextmanager
+
+    server = Server(loaded, engine, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="medqlora", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    _error_handlers(app)
+
     @app.get("/health")
     async def health():
         if not engine.alive:
@@ -566,52 +621,11 @@ def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        server.check(req)
-        job = server.job(req, server.chat_prompt(req), req.max_completion_tokens or req.max_tokens)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": ident, "created": created, "model": loaded.name}
-        if req.stream:
-            def chunk(text, reason, usage=None):
-                choices = [] if usage else [{"index": 0, "finish_reason": reason, "delta": (
-                    {"role": "assistant", "content": text} if text else {})}]
-                return {**head, "object": "chat.completion.chunk", "choices": choices,
-                        **({"usage": usage} if usage else {})}
-            include = bool((req.stream_options or {}).get("include_usage"))
-            engine.submit(job)
-            return StreamingResponse(_stream_events(job, chunk, include),
-                                     media_type="text/event-stream")
-        answer, reason, prompt, completion = await server.run(job)
-        return {**head, "object": "chat.completion", "usage": _usage(prompt, completion),
-                "choices": [{"index": 0, "finish_reason": reason, "logprobs": None,
-                             "message": {"role": "assistant", "content": answer}}]}
+        return await server.chat(req)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        server.check(req)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts or (req.stream and len(prompts) > 1):
-            raise APIError(400, "prompt: one text to stream, or a non-empty list without "
-                           "stream", param="prompt")
-        tokenizer = loaded.tokenizer
-        jobs = [server.job(req, tokenizer(p)["input_ids"], req.max_tokens) for p in prompts]
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": ident, "created": created, "model": loaded.name,
-                "object": "text_completion"}
-        if req.stream:
-            def chunk(text, reason, usage=None):
-                choices = [] if usage else [{"index": 0, "text": text or "",
-                                             "finish_reason": reason, "logprobs": None}]
-                return {**head, "choices": choices, **({"usage": usage} if usage else {})}
-            include = bool((req.stream_options or {}).get("include_usage"))
-            engine.submit(jobs[0])
-            return StreamingResponse(_stream_events(jobs[0], chunk, include),
-                                     media_type="text/event-stream")
-        answers = await asyncio.gather(*(server.run(job) for job in jobs))
-        choices = [{"index": i, "text": (prompts[i] if req.echo else "") + answer,
-                    "finish_reason": reason, "logprobs": None}
-                   for i, (answer, reason, _, _) in enumerate(answers)]
-        return {**head, "choices": choices, "usage": _usage(
-            sum(a[2] for a in answers), sum(a[3] for a in answers))}
+        return await server.completions(req)
 
     return app
 
@@ -643,7 +657,11 @@ class _MetricsMiddleware:
                     self._record(endpoint, status["code"], time.perf_counter() - start, body)
             await send(message)
 
-        await self.app(scope, receive, observe)
+        try:
+            await self.app(scope, receive, observe)
+        except Exception:
+            self._record(endpoint, 500, time.perf_counter() - start, b"")
+            raise
 
     def _record(self, endpoint: str, code: int, seconds: float, body: bytes) -> None:
         self.metrics.requests.labels(endpoint, str(code)).inc()
