@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make repro   set up .venv (pinned) and run the whole pipeline on the embedded default
-#   make test    the same set-up, then the whole test suite (what .ci/run calls)
+#   make test    the same set-up and llama.cpp (make llama-cpp), then the whole test suite
+#                (what .ci/run calls)
 # Both are idempotent: the venv is rebuilt only when requirements.lock or pyproject.toml change.
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test validate data model clean-venv
+.PHONY: setup repro test validate data model clean-venv llama-cpp
 
 setup: $(STAMP)
 
@@ -30,7 +31,12 @@ validate: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup
+# llama.cpp for `medqlora export` and its tests: converters + a CPU build of libllama from the
+# pinned llama-cpp-python sdist (requirements-llama-cpp.txt); once, then cached in .cache/llama.cpp.
+llama-cpp: setup
+	PYTHON=$(BIN)/python scripts/llama_cpp.sh
+
+test: setup llama-cpp
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Regenerate the embedded default (both are committed; these only rebuild them).
