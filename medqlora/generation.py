@@ -103,9 +103,3 @@ def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
             texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return texts
 
-
-def generate_from_text(model, tokenizer, prompts: Sequence[str],
-                       settings: GenerationSettings) -> list[str]:
-    """Like generate_from_ids for already templated prompt strings (templates.format_prompt)."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    return generate_from_ids(model, tokenizer, ids, settings)
