@@ -376,6 +376,7 @@ def _peft_model(base: Path):
     return model
 
 
+@pytest.mark.slow
 def test_fsdp_adapter_writer_matches_peft_and_loads_back(inputs, tmp_path):
     # Under FSDP the gathered LoRA tensors are written by adapter_io.write_adapter (peft's own
     # key filter drops them all there): its files must be what peft writes, and load back.
@@ -403,6 +404,7 @@ def test_fsdp_adapter_writer_matches_peft_and_loads_back(inputs, tmp_path):
     assert all(torch.equal(loaded[k], gathered[k]) for k in gathered)
 
 
+@pytest.mark.slow
 def test_an_adapter_without_lora_tensors_is_an_error_not_a_file(inputs, tmp_path):
     # What the FULL_STATE_DICT gather gave on 2 H100s: a file with no tensor in it.
     from medqlora import adapter_io

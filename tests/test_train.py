@@ -31,6 +31,7 @@ from conftest import ROOT, set_key
 from medqlora import checkpoints, modeling, training
 from medqlora.config import build_params, validate_document
 from medqlora.outputs import sha256_tree
+from medqlora.provenance import write_meta
 
 FACTS = [("anemia", "low hemoglobin"), ("diabetes", "high blood glucose"),
          ("asthma", "narrow airways"), ("hepatitis", "liver inflammation"),
@@ -112,7 +113,8 @@ def make_prepared(dest: Path, base: Path, packed: bool = False) -> Path:
                         "position_ids": sum((list(range(r["length"])) for r in p), []),
                         "seq_lens": [r["length"] for r in p]} for p in pairs]
         pq.write_table(pa.Table.from_pylist(packed_rows), dest / "train_packed.parquet")
-    (dest / "meta.json").write_text(json.dumps({"stage": "prepare"}), encoding="utf-8")
+    write_meta(dest, stage="prepare", params={}, inputs={},  # the writer prepare uses
+               extra={"max_seq_length": 128, "packing": packed})
     return dest
 
 
@@ -203,8 +205,9 @@ def test_fingerprint_changes_with_weight_shaping_params_only():
     assert checkpoints.fingerprint(kept, "abc") == key
 
 
-def test_cuda_oom_halves_batch_and_doubles_accumulation(monkeypatch, caplog, base, tmp_path):
-    params, _ = make_params(base, SHORT)
+def test_cuda_oom_halves_batch_and_doubles_accumulation(monkeypatch, caplog, tiny_model,
+                                                       tmp_path):
+    params, _ = make_params(tiny_model, SHORT)  # fit is faked: no model is built
     tried = []
 
     def fake_fit(params, precision, tokenizer, data, run_dir, live_dir, plan):
