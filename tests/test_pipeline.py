@@ -146,22 +146,7 @@ def test_rerun_prepare_gives_the_same_bytes_so_nothing_after_it_reruns(workspace
     assert run(["dvc", "status"], workspace).stdout.strip() == "Data and pipelines are up to date."
 
 
-def test_exp_run_lora_r_reruns_train_not_prepare(workspace):
-    out = run(["dvc", "exp", "run", "-S", "lora.r=8", "--name", "r8"], workspace)
-    assert "prepare" not in ran(out.stdout)
-    assert {"train", "evaluate", "merge", "package"} <= ran(out.stdout)
-    show = json.loads(run(["dvc", "exp", "show", "--json"], workspace).stdout)
-    # [workspace, baseline commit]; the baseline lists its experiments, each with its revs.
-    baseline = next(rev for rev in show if rev["rev"] != "workspace")
-    experiments = [r for exp in baseline.get("experiments") or [] for r in exp["revs"]]
-    r8 = next(r for r in experiments if r["name"] == "r8")
-    base_params = baseline["data"]["params"]["params.yaml"]["data"]
-    assert base_params["lora"]["r"] == 16
-    assert "metrics/evaluate.json" in baseline["data"]["metrics"]
-    params = r8["data"]["params"]["params.yaml"]["data"]
-    assert params["lora"]["r"] == 8
-    metrics = r8["data"]["metrics"]
-    assert "metrics/evaluate.json" in metrics and "metrics/train.json" in metrics
+# `dvc exp run -S lora.r=8` and `dvc exp show`, as the README shows them: tests/test_docs.py.
 
 
 def test_evaluate_key_reruns_evaluate_and_package_only(workspace):
