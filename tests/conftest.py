@@ -2,8 +2,9 @@
 model or dataset hub.
 
 Rules enforced here, for every test:
-- a test that builds a torch model (or a fixture it uses does) is marked `slow`: the unmarked
-  tier is `make test-fast`, the edit loop, and builds none (`model_guard`);
+- a test that builds or runs a torch model (or a fixture it uses does), or uses a pipeline run,
+  is marked `slow`: the unmarked tier is `make test-fast`, the edit loop, and runs none
+  (`_guard`);
 - the library calls of each stage script (medqlora.training.run, ...) get the params view of
   the stage contract, also when a test calls them directly: reading a key that dvc.yaml does
   not declare for the stage fails the test (medqlora/contract.py).
@@ -168,8 +169,18 @@ def _no_models(nodeid: str):
         torch.nn.Module.__init__, torch.nn.Module.__call__ = init, call
 
 
+# Fixtures that run the pipeline (in subprocesses, out of reach of _no_models).
+PIPELINE_FIXTURES = {"pipeline_workspace", "small_run"}
+
+
 def _guard(item):
-    return contextlib.nullcontext() if item.get_closest_marker("slow") else _no_models(item.nodeid)
+    if item.get_closest_marker("slow"):
+        return contextlib.nullcontext()
+    runs = sorted(PIPELINE_FIXTURES & set(item.fixturenames))
+    if runs:
+        pytest.fail(f"{item.nodeid} uses {', '.join(runs)} (a pipeline run) but is not marked "
+                    "slow: add @pytest.mark.slow", pytrace=False)
+    return _no_models(item.nodeid)
 
 
 # (module, function) -> stage: where each stage script hands params to the library.

@@ -42,3 +42,27 @@ def test_atomic_file_and_tree_hash(tmp_path):
     # sha256 of a single file is the plain sha256 of its bytes
     assert sha256_tree(tmp_path / "f.bin") == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def test_meta_json_is_the_same_bytes_at_any_commit(tmp_path, monkeypatch):
+    # meta.json is inside DVC-hashed outputs: a commit or a timing in it would change every
+    # downstream hash on each re-run. Written from two git repos at different commits, it is
+    # byte-identical.
+    import subprocess
+    from medqlora.provenance import write_meta
+    (tmp_path / "input.txt").write_text("rows")
+    metas = []
+    for name in ("one", "two"):
+        repo = tmp_path / name
+        repo.mkdir()
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        (repo / "f").write_text(name)
+        subprocess.run(["git", "add", "f"], cwd=repo, check=True)
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm",
+                        name], cwd=repo, check=True)
+        monkeypatch.chdir(repo)
+        meta = write_meta(repo / "out", stage="prepare", params={"seed": 1},
+                          inputs={"rows": tmp_path / "input.txt"})
+        metas.append((repo / "out" / "meta.json").read_bytes())
+    assert metas[0] == metas[1]
+    assert set(meta) == {"stage", "params", "inputs", "libraries", "runner"}
