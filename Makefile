@@ -3,19 +3,22 @@
 #   make test    the same set-up and llama.cpp (make llama-cpp), then the whole test suite
 #                (what .ci/run calls)
 # Both are idempotent: the venv is rebuilt only when requirements.lock or pyproject.toml change.
+# Then `source .venv/bin/activate` in each new shell puts python, dvc and medqlora on PATH.
+#   make test-fast   the unmarked tier (no model, no pipeline run): the edit loop, about a minute
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SSH_HOOK := $(VENV)/.ssh-known-hosts
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test validate data model clean-venv llama-cpp
+.PHONY: setup repro test test-fast validate data model clean-venv llama-cpp
 
-setup: $(STAMP)
+setup: $(STAMP) $(SSH_HOOK)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +27,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# dvc-ssh does not check SSH host keys: a .pth in the venv makes every dvc check known_hosts.
+$(SSH_HOOK): $(STAMP) medqlora/ssh_known_hosts.py
+	$(BIN)/python -m medqlora.ssh_known_hosts install
+	touch $(SSH_HOOK)
 
 validate: setup
 	$(BIN)/medqlora validate params.yaml
@@ -36,8 +44,13 @@ repro: setup
 llama-cpp: setup
 	PYTHON=$(BIN)/python scripts/llama_cpp.sh
 
+# Tests run in a random order (pytest-randomly prints its seed): repeat one with
+# PYTEST_ARGS=--randomly-seed=N, or keep file order with PYTEST_ARGS="-p no:randomly".
 test: setup llama-cpp
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Regenerate the embedded default (both are committed; these only rebuild them).
 data: setup

@@ -297,7 +297,7 @@ def render(card: Card) -> str:
         "## How to load\n\nWith transformers and peft only:\n\n" + _loading(card)
         + "\n\nOr `medqlora generate --package artifacts/package --prompt \"...\"`.",
         "## Integrity\n\n`manifest.json` lists the sha256 and size of every file and the "
-        "lineage (git commit, dvc.lock hashes, base, library versions). Check a copy with "
+        "lineage (dvc.lock hashes, base, library versions). Check a copy with "
         "`medqlora verify <folder>`.",
     ]
     return "\n\n".join(sections) + "\n"

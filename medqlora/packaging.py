@@ -20,8 +20,8 @@ resolves a relative path against the working directory, so the loading code runs
 project root, or from a deployment folder that holds the base at that same relative path
 (`dvc get <repo> models/tiny-med-llama -o models/tiny-med-llama`). docs/deploy.md shows both.
 
-Bytes are deterministic (no timestamps; sorted JSON; PNGs without a date): rebuilding from the
-same inputs at the same commit gives an identical manifest.
+Bytes are deterministic (no timestamps, commit or measured speed; sorted JSON; PNGs without a
+date): rebuilding from the same inputs gives identical files, at any commit.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ import yaml
 
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, read_json, sha256_file, sha256_tree, write_json
-from medqlora.provenance import git_commit, library_versions, read_meta, runner_info, write_meta
+from medqlora.provenance import (library_versions, read_meta, reproducible, runner_info,
+                                 write_meta)
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -122,29 +123,42 @@ def dvc_lock_hashes(lock_path: Path = Path("dvc.lock"), skip: str = "package") -
     if not lock_path.is_file():
         return None
     lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    reports = report_paths(lock_path.with_name("dvc.yaml"))
     out = {}
     for name, entry in sorted((lock.get("stages") or {}).items()):
         if name == skip:
             continue
         out[name] = {
-            kind: {item["path"]: item.get("md5") or item.get("hash") for item in entry.get(kind, [])}
+            kind: {item["path"]: item.get("md5") or item.get("hash") for item in entry.get(kind, [])
+                   if item["path"] not in reports}
             for kind in ("deps", "outs")
         }
         out[name]["params"] = entry.get("params", {})
     return out
 
 
+def report_paths(pipeline: Path) -> set[str]:
+    """The metrics and plots files dvc.yaml declares: reports (metrics/train.json holds measured
+    speed), not inputs of the package; their hashes stay out of its lineage."""
+    if not pipeline.is_file():
+        return set()
+    stages = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    return {next(iter(item)) if isinstance(item, dict) else item
+            for stage in stages.values() for kind in ("metrics", "plots")
+            for item in stage.get(kind) or []}
+
+
 def lineage(params: Params, adapter_meta: dict, merged_meta: dict | None,
             merged: dict[str, Any], data_meta: dict | None = None) -> dict[str, Any]:
-    """Where the package came from: commit, dvc.lock, data sources, base, libraries, runner,
-    and whether merged weights are included (and why not).
+    """Where the package came from: dvc.lock hashes, data sources, base, libraries, runner,
+    and whether merged weights are included (and why not). No commit: the tag that names the
+    package names it; equal inputs give an equal manifest.
 
     `data_sources`: sha256 of each raw file prepare read (data/prepared/meta.json), so the
     package names the exact data even when a source is one file of a DVC-tracked folder.
     """
     return {
         "name": params.package.name,
-        "git_commit": git_commit(),
         "dvc_lock": dvc_lock_hashes(),
         "data_sources": None if data_meta is None else {
             name: entry.get("sha256") for name, entry in sorted(
@@ -261,8 +275,8 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
     from medqlora import modelcard
     adapter_dir, merged_dir, metrics_dir = Path(adapter_dir), Path(merged_dir), Path(metrics_dir)
     adapter_meta = read_meta(adapter_dir)
-    metrics = {name: _optional_json(metrics_dir / f"{name}.json")
-               for name in ("prepare", "train", "evaluate", "merge")}
+    metrics = {name: reproducible(_optional_json(metrics_dir / f"{name}.json"))
+               for name in ("prepare", "train", "evaluate", "merge")}  # no timings in the card
     merged_meta = (check_merged(merged_dir, adapter_dir, metrics["merge"])
                    if params.package.include_merged else None)
     merged = merged_status(merged_meta, params.package.include_merged)

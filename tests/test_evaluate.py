@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from adapter_fixture import adapter_meta
 from conftest import ROOT, write_params
 from medqlora import evaluation, generation, modeling
 from medqlora.config import build_params
@@ -72,12 +73,8 @@ def write_adapter(out: Path, base: str, perturb: bool) -> Path:
                     param.normal_(0, 0.05)
     model.save_pretrained(str(out))
     modeling.load_tokenizer(params.model).save_pretrained(str(out))
-    meta = {"stage": "train",
-            "params": params.section("seed", "model", "quantization", "lora", "train"),
-            "inputs": {}, "precision": {"device": "cpu", "compute_dtype": "bfloat16",
-                                        "bf16": True, "fp16": False, "notes": []},
-            "base": {"id": base, "revision": None, "sha256": None}}
-    (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    adapter_meta(out, params, modeling.resolve_precision(params.quantization, "auto", "cpu"),
+                 base)
     return out
 
 
@@ -91,6 +88,7 @@ def fixture_dirs(tiny_model, tmp_path_factory):
     return {"tmp": tmp, "data": data, "zero": zero, "moved": moved, "base": str(tiny_model)}
 
 
+@pytest.mark.slow
 def test_load_test_is_first_n_by_id(fixture_dirs):
     rows = evaluation.load_test(fixture_dirs["data"], MAX_EXAMPLES)
     assert [r["id"] for r in rows] == [r[0] for r in ROWS[:MAX_EXAMPLES]]
@@ -106,6 +104,7 @@ def test_left_pad_right_aligns_rows():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+@pytest.mark.slow
 def test_answer_nll_matches_the_models_own_loss(fixture_dirs):
     """NLL over answer tokens == HF's mean loss per row; padding in a batch changes little."""
     model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
@@ -122,6 +121,7 @@ def test_answer_nll_matches_the_models_own_loss(fixture_dirs):
         assert nll_b == pytest.approx(nll, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic(fixture_dirs):
     model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
     rows = evaluation.load_test(fixture_dirs["data"])
@@ -138,6 +138,7 @@ def test_greedy_generation_is_deterministic(fixture_dirs):
                                   "seed": 42, "decoding": "greedy"}
 
 
+@pytest.mark.slow
 def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     """LoRA B = 0: the adapter computes exactly the base, so every delta is 0."""
     tmp = fixture_dirs["tmp"] / "run-zero"
@@ -191,6 +192,7 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     assert set(meta["inputs"]) == {"test", "adapter"}
 
 
+@pytest.mark.slow
 def test_evaluate_without_base_through_the_stage_entrypoint(fixture_dirs, monkeypatch):
     """stages/evaluate.py with compare_base false: base and delta are null, adapter moved."""
     import importlib.util
@@ -215,6 +217,7 @@ def test_evaluate_without_base_through_the_stage_entrypoint(fixture_dirs, monkey
     assert all(json.loads(p)["base_output"] is None for p in preds)
 
 
+@pytest.mark.slow
 def test_compare_perplexity_sees_the_adapter(fixture_dirs):
     zero = evaluation.compare_perplexity(fixture_dirs["data"], fixture_dirs["zero"])
     assert zero["base"] == zero["adapter"]

@@ -45,6 +45,7 @@ def test_tiny_weights_lora_optimizer_by_hand():
     assert fp32_absmax.rows["4-bit weights + quant constants"] == 786432 // 2 + 786432 // 64 * 4
 
 
+@pytest.mark.slow
 def test_lora_count_matches_peft(tiny_model):
     import torch
     from peft import LoraConfig, get_peft_model

@@ -71,3 +71,27 @@ def test_write_json_never_writes_nan_or_infinity(tmp_path, caplog):
         "adapter.perplexity (-inf), curve[1] (nan)"]
     write_json(path, {"eval_loss": 2.5, "curve": (1, 2)})   # finite: as before, no extra key
     assert _strict(path.read_text()) == {"eval_loss": 2.5, "curve": [1, 2]}
+
+
+def test_meta_json_is_the_same_bytes_at_any_commit(tmp_path, monkeypatch):
+    # meta.json is inside DVC-hashed outputs: a commit or a timing in it would change every
+    # downstream hash on each re-run. Written from two git repos at different commits, it is
+    # byte-identical.
+    import subprocess
+    from medqlora.provenance import write_meta
+    (tmp_path / "input.txt").write_text("rows")
+    metas = []
+    for name in ("one", "two"):
+        repo = tmp_path / name
+        repo.mkdir()
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        (repo / "f").write_text(name)
+        subprocess.run(["git", "add", "f"], cwd=repo, check=True)
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm",
+                        name], cwd=repo, check=True)
+        monkeypatch.chdir(repo)
+        meta = write_meta(repo / "out", stage="prepare", params={"seed": 1},
+                          inputs={"rows": tmp_path / "input.txt"})
+        metas.append((repo / "out" / "meta.json").read_bytes())
+    assert metas[0] == metas[1]
+    assert set(meta) == {"stage", "params", "inputs", "libraries", "runner"}

@@ -147,6 +147,29 @@ def test_rebuild_gives_identical_manifest(built, tmp_path):
     assert (tmp_path / "package/manifest.json").read_bytes() == (pkg / "manifest.json").read_bytes()
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rebuild_with_other_timings_is_byte_identical(built, tmp_path):
+    # A second train run of the same inputs measures other speeds and memory, and may have
+    # resumed: metrics/train.json differs only there. The package must not (no commit, no
+    # timing in any file), so a tag names exactly one package.
+    inputs, _, pkg = built
+    metrics = tmp_path / "metrics"
+    shutil.copytree(inputs["metrics"], metrics)
+    train = json.loads((metrics / "train.json").read_text())
+    (metrics / "train.json").write_text(json.dumps({
+        **train, "tokens_per_second": 4379.9, "step_seconds_median": 0.34,
+        "peak_memory_gib": 2.17, "peak_memory_gib_per_process": [2.17], "resumed_from_step": 2}))
+    _build({**inputs, "metrics": metrics}, tmp_path / "package")
+    again = tree_bytes(tmp_path / "package")
+    assert set(again) == set(tree_bytes(pkg)) == EXPECTED
+    assert [name for name, data in tree_bytes(pkg).items() if again[name] != data] == []
+
+
 @pytest.mark.slow
 def test_verify_names_every_altered_missing_or_extra_file(built, tmp_path):
     _, manifest, pkg = built
