@@ -233,6 +233,7 @@ def test_token_batches_arithmetic():
     assert evaluation.token_batches([40], max_rows=4, max_tokens=16) == [[0]]
 
 
+@pytest.mark.slow
 def test_options_scored_by_their_log_likelihood(fixture_dirs):
     """Each option's score is the summed log-probability of "Answer: X" after the prompt,
     computed here independently with one unpadded forward pass per option; the choice is the
@@ -256,6 +257,7 @@ def test_options_scored_by_their_log_likelihood(fixture_dirs):
         assert item["correct"] == (item["parsed"] == row["label"])
 
 
+@pytest.mark.slow
 def test_option_letters_must_hold_the_answer(fixture_dirs):
     row = dict(evaluation.load_test(fixture_dirs["data"])[2], label="E")
     with pytest.raises(ValueError, match=r"mcq answer 'E' is not among the option lines "

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from medqlora import config, fastpath, modeling, training
+from medqlora import config, fastpath, memory, modeling, training
 from tests.conftest import ROOT, TINY_MODEL
 
 
