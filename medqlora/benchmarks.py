@@ -473,6 +473,7 @@ def summarise(prepared: list[Prepared], runs: dict[str, dict], seconds: dict[str
             "num_fewshot": adapter["n-shot"][task],
             "version": str(adapter["versions"][task]),
             "file": item.bench.path, "sha256": item.sha256,
+            "fewshot_file": item.bench.fewshot_path,
             "base": base, "adapter": scores["adapter"],
             "delta": {m: (None if base is None or base[m] is None else
                           scores["adapter"][m] - base[m]) for m in METRICS} if base else None,

@@ -2,7 +2,8 @@
 
 The sample files come from scripts/make_benchmark_samples.py (made-up items in each public
 layout). The slow test scores them on the tiny model with the pipeline and with the harness's
-own `lm_eval` command, and requires the same numbers, item by item.
+own `simple_evaluate` loading the model itself, and requires the same numbers, item by item;
+tests/test_pipeline.py does the same through `dvc repro` against the `lm_eval` command.
 """
 from __future__ import annotations
 
@@ -219,13 +220,13 @@ def test_no_benchmarks_writes_an_empty_result_without_lm_eval_or_torch(tmp_path)
 # ---------------------------------------------------------------- the harness itself (slow)
 
 def lm_eval_cli(cwd: Path, pretrained: Path, adapter: Path | None, tasks_dir: Path,
-                tasks: list[str], out: Path) -> tuple[dict, dict[str, list[dict]]]:
-    """(results, {task: logged samples}) of the harness's own command line."""
-    args = f"pretrained={pretrained},tokenizer={adapter or pretrained},dtype=bfloat16"
-    if adapter:
-        args += f",peft={adapter}"
+                tasks: list[str], out: Path, batch_size: int = 8
+                ) -> tuple[dict, dict[str, list[dict]]]:
+    """(results, {task: logged samples}) of the harness's own command line (tests/
+    test_pipeline.py runs it on what `dvc repro` scored)."""
+    args = f"pretrained={pretrained},dtype=bfloat16" + (f",peft={adapter}" if adapter else "")
     run(["lm_eval", "--model", "hf", "--model_args", args, "--device", "cpu",
-         "--batch_size", "8", "--include_path", str(tasks_dir), "--tasks", ",".join(tasks),
+         "--batch_size", str(batch_size), "--include_path", str(tasks_dir), "--tasks", ",".join(tasks),
          "--output_path", str(out), "--log_samples"], cwd)
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     samples = {t: [json.loads(line) for line in next(out.rglob(f"samples_{t}_*.jsonl")).open()]
@@ -233,8 +234,22 @@ def lm_eval_cli(cwd: Path, pretrained: Path, adapter: Path | None, tasks_dir: Pa
     return results, samples
 
 
+def lm_eval_api(pretrained: Path, adapter: Path | None, tasks_dir: Path, tasks: list[str]
+                ) -> tuple[dict, dict[str, list[dict]]]:
+    """The same through the harness's Python entry point, the model loaded by the harness
+    from its path (in-process: half the start-up time of the command line)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    args = {"pretrained": str(pretrained), "dtype": "bfloat16", "device": "cpu",
+            **({"peft": str(adapter)} if adapter else {})}
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=args, tasks=tasks, batch_size=8, log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    return results, results["samples"]
+
+
 @pytest.mark.slow
-def test_pipeline_numbers_equal_the_lm_eval_command(samples, tiny_model, tmp_path, monkeypatch):
+def test_pipeline_numbers_equal_lm_eval_simple_evaluate(samples, tiny_model, tmp_path, monkeypatch):
     from tests.adapter_fixture import make_adapter
     root, files = samples
     adapter = make_adapter(str(tiny_model), tmp_path / "adapter", steps=12, lr=0.1)
@@ -259,15 +274,30 @@ def test_pipeline_numbers_equal_the_lm_eval_command(samples, tiny_model, tmp_pat
 
     base_nf4 = bm.save_quantized_base(adapter, tmp_path / "base-nf4")
     for name, peft in (("adapter", adapter), ("base", None)):
-        cli, logged = lm_eval_cli(tmp_path, base_nf4, peft, tmp_path / "out/tasks",
-                                  list(ALL_TASKS), tmp_path / f"cli-{name}")
+        harness, logged = lm_eval_api(base_nf4, peft, tmp_path / "out/tasks", list(ALL_TASKS))
         for task in ALL_TASKS:
-            assert bm.task_scores(cli, task) == result["tasks"][task][name], (name, task)
-            assert cli["n-samples"][task]["effective"] == result["tasks"][task]["n"]
-            assert cli["n-shot"][task] == result["tasks"][task]["num_fewshot"]
+            assert bm.task_scores(harness, task) == result["tasks"][task][name], (name, task)
+            assert harness["n-samples"][task]["effective"] == result["tasks"][task]["n"]
+            assert harness["n-shot"][task] == result["tasks"][task]["num_fewshot"]
             theirs = sorted(logged[task], key=lambda s: s["doc_id"])
-            ours = items[task]
-            assert [str(s["target"]) for s in theirs] == [str(i["target"]) for i in ours]
-            for mine, their in zip(ours, theirs):
+            assert [s["target"] for s in theirs] == [i["target"] for i in items[task]]
+            for mine, their in zip(items[task], theirs):
                 assert mine[name]["loglikelihoods"] == pytest.approx(
                     [float(r[0]) for r in their["filtered_resps"]], abs=1e-6)
+
+
+def test_model_card_table_states_the_protocol():
+    from medqlora.modelcard import _benchmarks
+    block = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05}
+    text = _benchmarks({"lm_eval_version": "0.4.13", "tasks": {"medqa_4options": {
+        "n": 1273, "num_fewshot": 0, "version": "Yaml", "file": "data/benchmarks/medqa/test.jsonl",
+        "items_in_file": 1273, "sha256": "ab" * 32, "fewshot_file": None,
+        "base": {**block, "acc": 0.4}, "adapter": block, "delta": {"acc": 0.1, "acc_norm": 0.0},
+        "prompt": "Question: <question>\nAnswer:"}}})
+    assert "lm-evaluation-harness 0.4.13" in text
+    assert "| medqa_4options | 1273 | 0 | acc | 0.400 ± 0.100 | 0.500 ± 0.100 | +0.100 |" in text
+    assert "| | | | acc_norm | 0.250 ± 0.050 | 0.250 ± 0.050 | +0.000 |" in text
+    assert ("`medqa_4options` version Yaml, `data/benchmarks/medqa/test.jsonl` (1273 items, "
+            "sha256 `abababababababab…`); zero-shot:") in text
+    assert "  Question: <question>\n  Answer:" in text
+    assert "No standard benchmark was run" in _benchmarks({"tasks": {}})

@@ -1,7 +1,7 @@
 """The whole pipeline through real DVC, in a fresh-clone-like workspace.
 
 One workspace (conftest's session fixture `pipeline_workspace`) runs `dvc repro` once: all
-five stages on the embedded default. The tests here check its results, caching (a second repro
+six stages on the embedded default. The tests here check its results, caching (a second repro
 runs nothing), which stages a params change re-runs, and `dvc exp run`, in file order.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import run, set_key
 
 pytestmark = pytest.mark.slow
-STAGES = ("prepare", "train", "evaluate", "merge", "package")
+STAGES = ("prepare", "train", "evaluate", "benchmark", "merge", "package")
 
 
 def ran(output: str) -> set[str]:
@@ -97,3 +97,37 @@ def test_evaluate_key_reruns_evaluate_and_package_only(workspace):
     edit_params(workspace, "evaluate.max_new_tokens", 24)
     out = run(["dvc", "repro"], workspace)
     assert ran(out.stdout) == {"evaluate", "package"}
+
+
+def test_medqa_file_placed_per_readme_is_scored_by_dvc_repro_as_lm_eval_scores_it(workspace,
+                                                                                  tmp_path):
+    # Runs last. What the README tells a user: put the public MedQA-4 test file at
+    # data/benchmarks/medqa/test.jsonl, list it under evaluate.benchmarks, `dvc repro`.
+    import shutil
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from make_benchmark_samples import write_samples
+    from medqlora.benchmarks import save_quantized_base, task_scores
+    from tests.test_benchmarks import lm_eval_cli
+    sample = write_samples(tmp_path / "samples")["medqa_4options"]["path"]
+    (workspace / "data/benchmarks/medqa").mkdir(parents=True)
+    shutil.copy2(sample, workspace / "data/benchmarks/medqa/test.jsonl")
+    edit_params(workspace, "evaluate.benchmarks",
+                [{"task": "medqa_4options", "path": "data/benchmarks/medqa/test.jsonl"}])
+    out = run(["dvc", "repro"], workspace)
+    assert ran(out.stdout) == {"benchmark", "package"}
+    medqa = json.loads((workspace / "metrics/benchmark.json").read_text())["tasks"][
+        "medqa_4options"]
+    assert (medqa["n"], medqa["num_fewshot"], medqa["items_in_file"]) == (8, 0, 8)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], workspace).stdout)
+    metrics = shown[""]["data"]["metrics/benchmark.json"]["data"]["tasks"]["medqa_4options"]
+    assert metrics["adapter"]["acc"] == medqa["adapter"]["acc"]
+    card = (workspace / "artifacts/package/README.md").read_text(encoding="utf-8")
+    assert f"| medqa_4options | {medqa['n']} | 0 | acc |" in card
+
+    base_nf4 = save_quantized_base(workspace / "models/adapter", tmp_path / "base-nf4")
+    batch = yaml.safe_load((workspace / "params.yaml").read_text())["evaluate"]["batch_size"]
+    cli, _ = lm_eval_cli(workspace, base_nf4, workspace / "models/adapter",
+                         workspace / "benchmarks/tasks", ["medqa_4options"], tmp_path / "cli",
+                         batch_size=batch)
+    assert task_scores(cli, "medqa_4options") == medqa["adapter"]
