@@ -234,6 +234,19 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def overlaps(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) -> list[float]:
+    """Per test text, the share of its word n-grams found anywhere in the train texts (0.0 for
+    a text shorter than n words). E.g. 12 words -> 5 8-grams, 1 of them in train -> 0.2."""
+    seen: set[tuple[str, ...]] = set()
+    for text in train_texts:
+        seen |= ngrams(text, n)
+    out = []
+    for text in test_texts:
+        grams = ngrams(text, n)
+        out.append(len(grams & seen) / len(grams) if grams else 0.0)
+    return out
+
+
 def contamination(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) -> dict:
     """How much of each test item also appears in training data, as shared word n-grams.
 
@@ -243,14 +256,8 @@ def contamination(test_texts: Sequence[str], train_texts: Sequence[str], n: int 
     E.g. 10 items, 2 sharing n-grams with train, one of them 6 of its 12: k=2, share 0.2,
     max_overlap 0.5.
     """
-    seen: set[tuple[str, ...]] = set()
-    for text in train_texts:
-        seen |= ngrams(text, n)
-    overlaps = []
-    for text in test_texts:
-        grams = ngrams(text, n)
-        overlaps.append(len(grams & seen) / len(grams) if grams else 0.0)
-    hits = sum(o > 0 for o in overlaps)
+    shares = overlaps(test_texts, train_texts, n)
+    hits = sum(o > 0 for o in shares)
     return {"ngram": n, "items_with_overlap": hits,
-            "share": hits / len(overlaps) if overlaps else 0.0,
-            "max_overlap": max(overlaps, default=0.0)}
+            "share": hits / len(shares) if shares else 0.0,
+            "max_overlap": max(shares, default=0.0)}
