@@ -278,10 +278,24 @@ def _loading(card: Card) -> str:
                           compute=compute)
 
 
+def _contamination(prepare: dict | None) -> str:
+    """One sentence on held-out items overlapping train (prepare's content-only 8-grams)."""
+    report = (prepare or {}).get("contamination")
+    if not report or not report.get("test"):
+        return "_Held-out overlap with train: not measured._"
+    test = report["test"]
+    return (f"**Held-out overlap with train** (word {report['ngram']}-grams of the records' "
+            f"content, template text excluded): {test['items_with_overlap']} of {test['items']} "
+            f"test items share at least one with train; {test['over_threshold']} share more "
+            f"than {report['threshold']:.0%} of theirs (mean overlap {test['mean_overlap']:.2f}, "
+            f"max {test['max_overlap']:.2f}). Test scores on overlapping items measure recall "
+            "of seen text, not generalisation.")
+
+
 def _data(card: Card) -> str:
     source = card.metrics.get("prepare") or card.data_meta
     rows = [(k, v) for k, v in _scalars(source) if not isinstance(v, str) or len(v) < 80]
-    return _table(rows[:40])
+    return _contamination(card.metrics.get("prepare")) + "\n\n" + _table(rows[:40])
 
 
 def _params(card: Card) -> str:

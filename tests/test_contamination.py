@@ -95,3 +95,16 @@ def test_on_contamination_error_names_the_items():
     # an item at the threshold only counts in the report, so error mode passes
     assert contamination_report(_splits(), _data("error", threshold=0.5))["test"][
         "over_threshold"] == 0
+
+
+def test_model_card_states_the_overlap():
+    from medqlora.modelcard import _contamination
+    report = {"ngram": 8, "content_only": True, "threshold": 0.5,
+              "test": {"items": 98, "items_with_overlap": 94, "mean_overlap": 0.5,
+                       "max_overlap": 0.88, "over_threshold": 49}}
+    assert _contamination({"contamination": report}) == (
+        "**Held-out overlap with train** (word 8-grams of the records' content, template text "
+        "excluded): 94 of 98 test items share at least one with train; 49 share more than 50% "
+        "of theirs (mean overlap 0.50, max 0.88). Test scores on overlapping items measure "
+        "recall of seen text, not generalisation.")
+    assert "not measured" in _contamination({})
