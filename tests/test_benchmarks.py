@@ -301,3 +301,16 @@ def test_model_card_table_states_the_protocol():
             "sha256 `abababababababab…`); zero-shot:") in text
     assert "  Question: <question>\n  Answer:" in text
     assert "No standard benchmark was run" in _benchmarks({"tasks": {}})
+
+
+def test_evaluate_stage_lists_every_evaluate_key_but_benchmarks():
+    # dvc.yaml cannot say "evaluate except benchmarks": the evaluate stage names its keys one
+    # by one, so a new evaluate key must be listed there too (else changing it re-runs nothing).
+    from medqlora.config import load_schema
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    keys = set(load_schema()["properties"]["evaluate"]["properties"]) - {"benchmarks"}
+    assert set(stages["evaluate"]["params"]) == {"seed"} | {f"evaluate.{k}" for k in keys}
+    assert set(stages["benchmark"]["params"]) == {
+        "evaluate.benchmarks", "evaluate.batch_size", "evaluate.compare_base"}
+    assert "data/benchmarks" in stages["benchmark"]["deps"]
+    assert "metrics/benchmark.json" in stages["package"]["deps"]
