@@ -522,7 +522,8 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
                                        cfg.compare_base)
             write_items(tmp, runs, [p.bench.task for p in prepared])
             for task, block in result["tasks"].items():
-                block["prompt"] = prompts[task]
+                # a list: `dvc metrics show` skips lists (a multi-line string breaks its table)
+                block["prompt_lines"] = prompts[task].split("\n")
             # The folder is renamed into place: point the YAMLs at their final location.
             for path in (tmp / "tasks").glob("*.yaml"):
                 path.write_text(path.read_text(encoding="utf-8").replace(

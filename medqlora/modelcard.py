@@ -207,7 +207,7 @@ def _benchmarks(bench: dict | None) -> str:
         lines += ["", f"- `{name}` version {task.get('version')}, `{task.get('file')}` "
                       f"({task.get('items_in_file')} items, sha256 "
                       f"`{str(task.get('sha256'))[:16]}…`){shots}:", "",
-                  "  ```text", *[f"  {line}" for line in str(task.get("prompt")).split("\n")],
+                  "  ```text", *[f"  {line}" for line in task.get("prompt_lines") or []],
                   "  ```"]
     return "\n".join(lines)
 

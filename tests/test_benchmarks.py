@@ -293,7 +293,7 @@ def test_model_card_table_states_the_protocol():
         "n": 1273, "num_fewshot": 0, "version": "Yaml", "file": "data/benchmarks/medqa/test.jsonl",
         "items_in_file": 1273, "sha256": "ab" * 32, "fewshot_file": None,
         "base": {**block, "acc": 0.4}, "adapter": block, "delta": {"acc": 0.1, "acc_norm": 0.0},
-        "prompt": "Question: <question>\nAnswer:"}}})
+        "prompt_lines": ["Question: <question>", "Answer:"]}}})
     assert "lm-evaluation-harness 0.4.13" in text
     assert "| medqa_4options | 1273 | 0 | acc | 0.400 ± 0.100 | 0.500 ± 0.100 | +0.100 |" in text
     assert "| | | | acc_norm | 0.250 ± 0.050 | 0.250 ± 0.050 | +0.000 |" in text
