@@ -18,11 +18,11 @@ Nothing here re-implements a benchmark. For each `evaluate.benchmarks` entry:
    with the adapter switched off) with `lm_eval.simple_evaluate` on an `HFLM` wrapping it.
 
 The task folder is a plain lm-evaluation-harness include path, so the harness's own command
-gives the same numbers (tests/test_benchmarks.py checks it):
+gives the same numbers (tests/test_pipeline.py checks it after `dvc repro`; tests/
+test_benchmarks.py checks every task, item by item, against `lm_eval.simple_evaluate`):
 
-    lm_eval --model hf --model_args pretrained=<4-bit base folder>,peft=models/adapter,\
-tokenizer=models/adapter,dtype=bfloat16 --device cpu --batch_size 8 \
-        --include_path benchmarks/tasks --tasks medqa_4options
+    lm_eval --model hf --model_args pretrained=models/base-nf4,peft=models/adapter,\
+dtype=bfloat16 --batch_size 64 --include_path benchmarks/tasks --tasks medqa_4options
 
 (transformers 5 dropped `load_in_4bit` from `from_pretrained`, so the CLI reads the 4-bit
 settings from a saved pre-quantized base: `save_quantized_base` writes one.)
@@ -324,6 +324,14 @@ def check_files(benchmarks: tuple[BenchmarkParams, ...], data_dir: str | Path,
     return out
 
 
+def lm_eval_version() -> str | None:
+    """The installed lm-evaluation-harness version (None when absent: nothing to score)."""
+    try:
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def harness_dir() -> Path:
     """lm_eval's own task folder (lm_eval/tasks), located without importing lm_eval."""
     import importlib.util
@@ -350,7 +358,7 @@ def task_config(prepared: Prepared, data_dir: Path) -> dict[str, Any]:
     harness_yaml = harness_dir() / TASKS[bench.task].harness_yaml
     if not harness_yaml.is_file():
         raise BenchmarkError([f"evaluate.benchmarks: task {bench.task}: {harness_yaml} is missing "
-                              f"from lm_eval {metadata.version('lm_eval')}"])
+                              f"from lm_eval {lm_eval_version()}"])
     files = {"test": str((data_dir / f"{bench.task}.test.jsonl").resolve())}
     if prepared.fewshot_rows:
         files["train"] = str((data_dir / f"{bench.task}.fewshot.jsonl").resolve())
@@ -511,7 +519,7 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
     """
     cfg = params.evaluate
     prepared = check_files(cfg.benchmarks, data_dir)
-    result: dict[str, Any] = {"lm_eval_version": metadata.version("lm_eval"), "tasks": {},
+    result: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": {},
                               "seconds": {}, "items": 0}
     meta: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
