@@ -1,20 +1,24 @@
 # Two commands on a fresh machine:
 #   make repro   set up .venv (pinned) and run the whole pipeline on the embedded default
-#   make test    the same set-up, then the whole test suite (what .ci/run calls)
+#   make test    the same set-up and llama.cpp (make llama-cpp), then the whole test suite
+#                (what .ci/run calls)
 # Both are idempotent: the venv is rebuilt only when requirements.lock or pyproject.toml change.
+# Then `source .venv/bin/activate` in each new shell puts python, dvc and medqlora on PATH.
+#   make test-fast   the unmarked tier (no model, no pipeline run): the edit loop, about a minute
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SSH_HOOK := $(VENV)/.ssh-known-hosts
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test validate data model clean-venv
+.PHONY: setup repro test test-fast validate data model clean-venv llama-cpp
 
-setup: $(STAMP)
+setup: $(STAMP) $(SSH_HOOK)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,14 +28,29 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# dvc-ssh does not check SSH host keys: a .pth in the venv makes every dvc check known_hosts.
+$(SSH_HOOK): $(STAMP) medqlora/ssh_known_hosts.py
+	$(BIN)/python -m medqlora.ssh_known_hosts install
+	touch $(SSH_HOOK)
+
 validate: setup
 	$(BIN)/medqlora validate params.yaml
 
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup
+# llama.cpp for `medqlora export` and its tests: converters + a CPU build of libllama from the
+# pinned llama-cpp-python sdist (requirements-llama-cpp.txt); once, then cached in .cache/llama.cpp.
+llama-cpp: setup
+	PYTHON=$(BIN)/python scripts/llama_cpp.sh
+
+# Tests run in a random order (pytest-randomly prints its seed): repeat one with
+# PYTEST_ARGS=--randomly-seed=N, or keep file order with PYTEST_ARGS="-p no:randomly".
+test: setup llama-cpp
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Regenerate the embedded default (both are committed; these only rebuild them).
 data: setup

@@ -18,6 +18,7 @@ Every written adapter is read back (`check`): no LoRA tensor, or a sharded one, 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -70,11 +71,26 @@ def write_adapter(model, folder: str | Path, lora: dict) -> None:
     config = copy.deepcopy(model.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(str(folder))
+    canonical_config(folder)
     tensors = {key.replace(f".{name}.", "."): value.contiguous() for key, value in lora.items()
                if f".{name}." in key}
     tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / ADAPTER_WEIGHTS)  # a checkpoint never shows a half-written file
+
+
+def canonical_config(folder: str | Path) -> None:
+    """Rewrite adapter_config.json with target_modules sorted.
+
+    peft keeps target_modules as a set and writes list(set): the order follows the string
+    hashes, which PYTHONHASHSEED randomises per process (7 projections: 191 orders in 200
+    seeds). Sorted, equal adapters give equal bytes in every process (DVC hashes, manifests).
+    """
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_lora(model, folder: str | Path) -> int:
@@ -93,10 +109,11 @@ def load_lora(model, folder: str | Path) -> int:
 
 def save(trainer, folder: str | Path, lora: dict | None) -> None:
     """The trained adapter into `folder`: peft's save_pretrained, or under FSDP (`lora` holds
-    the gathered tensors) write_adapter; then `check`."""
+    the gathered tensors) write_adapter; config canonical (`canonical_config`); then `check`."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if lora is None:
         model.save_pretrained(str(folder), safe_serialization=True)
+        canonical_config(folder)
     else:
         write_adapter(model, folder, lora)
     check(folder)

@@ -44,7 +44,7 @@ FSDP_MODEL = "pytorch_model_fsdp"  # transformers.trainer.FSDP_MODEL_NAME
 # Keys that change how a run is saved, logged or scheduled on this machine, not its weights:
 # changing them keeps resuming the same run.
 NOT_FINGERPRINTED = ("save_total_limit", "adaptive_batch_size", "memory_budget_gib",
-                     "per_device_eval_batch_size")
+                     "per_device_eval_batch_size", "divergence_factor", "divergence_steps")
 
 
 def fingerprint(params: dict[str, Any], data_hash: str) -> str:

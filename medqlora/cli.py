@@ -1,4 +1,4 @@
-"""The `medqlora` command: validate params, and (later issues) verify and run packages.
+"""The `medqlora` command: validate params; verify, run, serve and export packages.
 
     medqlora validate [PATH]      exit 0 when valid, 2 with one `key.path: problem` per line
     medqlora verify DIR           exit 0 when a package matches its manifest, 1 naming each
@@ -6,10 +6,17 @@
     medqlora generate --package DIR (--prompt TEXT | --file JSONL) [--merged] [--stats]
     medqlora preflight [PATH]     estimated peak GPU memory of the train run; exit 3 when it
                                   exceeds train.memory_budget_gib or the visible GPU
+    medqlora serve DIR | --repo URL --rev REV --artifact NAME [--port 8000] [--merged]
+                                  OpenAI-compatible HTTP server with Prometheus /metrics
+    medqlora export DIR --out DIR [--targets vllm,gguf,ollama]
+                                  vLLM-ready adapter, GGUF files (llama.cpp's converters),
+                                  Ollama Modelfiles
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from medqlora.config import ParamsError, load_params, warnings_for
@@ -47,12 +54,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Answer prompts with a verified package (4-bit base + adapter, or the merged weights)."""
-    from medqlora.packaging import generate, read_prompts, verify
-    problems = verify(args.package)
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        print(f"{args.package}: fails `medqlora verify`; refusing to load it", file=sys.stderr)
+    from medqlora.packaging import generate, read_prompts
+    if _refuse_unverified(args.package):
         return 1
     try:
         texts = read_prompts(args.prompt, args.file)
@@ -66,6 +69,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{result['new_tokens']} new tokens in {result['seconds']:.2f} s: "
               f"{result['tokens_per_second']:.1f} tokens/s on {result['device']}; peak memory "
               f"{result['peak_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    return 0
+
+
+def _refuse_unverified(package) -> bool:
+    """Print every problem of a package that fails `medqlora verify`; True when it does."""
+    from medqlora.packaging import verify
+    problems = verify(package)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{package}: fails `medqlora verify`; refusing to load it", file=sys.stderr)
+    return bool(problems)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a verified package (a folder, or pulled at a git revision) over the OpenAI API."""
+    from medqlora import serving
+    logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    package = args.package
+    if args.repo:
+        if package or not (args.rev and args.artifact):
+            print("serve: give a package folder, or --repo with --rev and --artifact",
+                  file=sys.stderr)
+            return EXIT_INVALID
+        try:
+            package = serving.pull_package(args.repo, args.rev, args.artifact, args.dest)
+        except (OSError, RuntimeError) as err:
+            print(err, file=sys.stderr)
+            return 1
+    elif not package:
+        print("serve: give a package folder (e.g. artifacts/package), or --repo/--rev/--artifact",
+              file=sys.stderr)
+        return EXIT_INVALID
+    if _refuse_unverified(package):
+        return 1
+    serving.serve(package, host=args.host, port=args.port, merged=args.merged,
+                  name=args.served_model_name, max_batch_size=args.max_batch_size,
+                  batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a verified package for vLLM, llama.cpp (GGUF) and Ollama."""
+    from medqlora import export
+    logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    unknown = sorted(set(targets) - set(export.TARGETS))
+    if unknown or not targets:
+        print(f"--targets: {', '.join(unknown) or 'empty'}: choose from "
+              f"{', '.join(export.TARGETS)}", file=sys.stderr)
+        return EXIT_INVALID
+    if _refuse_unverified(args.package):
+        return 1
+    try:
+        record = export.export(args.package, args.out, targets, args.gguf_type,
+                               args.max_lora_rank, args.llama_cpp)
+    except export.ExportError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.package}: export failed; {args.out} was not written", file=sys.stderr)
+        return 1
+    for rel in sorted(record["files"]):
+        print(f"{args.out}/{rel}")
+    if "vllm" in record["targets"]:
+        print(f"\nvLLM (from {args.out}):\n{record['targets']['vllm']['command']}")
     return 0
 
 
@@ -102,6 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preflight", help="estimate the train run's peak GPU memory")
     pre.add_argument("path", nargs="?", default="params.yaml")
     pre.set_defaults(func=cmd_preflight)
+    srv = sub.add_parser("serve", help="serve a verified package over the OpenAI HTTP API")
+    srv.add_argument("package", nargs="?", help="package folder (e.g. artifacts/package)")
+    srv.add_argument("--repo", help="git/DVC repository to pull the package from (URL or path)")
+    srv.add_argument("--rev", help="git revision (tag) of --repo, e.g. v1.0.0")
+    srv.add_argument("--artifact", help="artifact name in --repo's dvc.yaml (medqlora-tiny-med)")
+    srv.add_argument("--dest", default="artifacts/package",
+                     help="where --repo's package is pulled (default artifacts/package)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--merged", action="store_true", help="serve merged/ instead of base + adapter")
+    srv.add_argument("--served-model-name", help="the `model` clients send (default: package.name)")
+    srv.add_argument("--max-batch-size", type=int, default=8,
+                     help="requests decoded together in one model.generate")
+    srv.add_argument("--batch-wait-ms", type=float, default=10.0,
+                     help="how long the first request of a batch waits for others")
+    srv.add_argument("--max-queue", type=int, default=256,
+                     help="requests waiting beyond this get 503 server_overloaded")
+    srv.set_defaults(func=cmd_serve)
+    exp = sub.add_parser("export", help="export a verified package for vLLM, llama.cpp, Ollama")
+    exp.add_argument("package", help="package folder (e.g. artifacts/package)")
+    exp.add_argument("--out", required=True, help="export folder (e.g. artifacts/export)")
+    exp.add_argument("--targets", default="vllm,gguf,ollama",
+                     help="comma-separated: vllm, gguf, ollama (default: all)")
+    exp.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"],
+                     help="GGUF tensor type (auto: the weights' own 16-bit type)")
+    exp.add_argument("--max-lora-rank", type=int,
+                     help="the vLLM --max-lora-rank the adapter must fit (default: the smallest "
+                          "allowed value >= its rank)")
+    exp.add_argument("--llama-cpp", help="llama.cpp source folder with the converters "
+                     "(default: .cache/llama.cpp/src/vendor/llama.cpp from `make llama-cpp`)")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

@@ -11,18 +11,29 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+from medqlora import sources as source_rules
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "params.schema.json"
 SECTIONS = ("seed", "data", "model", "quantization", "lora", "train", "evaluate", "merge",
             "package", "runner")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Bounds on what a params file may cost to read, so a hostile file (a "billion laughs" of
+# nested YAML aliases: 9 levels x 9 copies = 387 million values from a few hundred bytes)
+# gets an error in milliseconds instead of pinning a core. The shipped params.yaml is 4 KB and
+# 201 values; each data source adds 5 (about 950 sources fit).
+MAX_PARAMS_BYTES = 256 * 1024   # 256 KB of comments or one long text: about 0.3 s to read
+MAX_YAML_VALUES = 5_000         # nodes once every alias is expanded (parse + check: ~0.1 ms each)
+MAX_YAML_DEPTH = 32             # nesting levels; the deepest key path is 4 (runner.distributed.x)
 
 
 class ParamsError(ValueError):
@@ -70,7 +81,10 @@ class ModelParams:
     @property
     def is_local(self) -> bool:
         """True when `base` is a folder on disk rather than a hub id."""
-        return Path(self.base).is_dir()
+        try:
+            return Path(self.base).is_dir()
+        except OSError:  # a name longer than the file system allows is no folder
+            return False
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,8 @@ class TrainParams:
     save_total_limit: int
     early_stopping_patience: int
     early_stopping_threshold: float
+    divergence_factor: float | None
+    divergence_steps: int
     adaptive_batch_size: bool
     init_adapter: str | None
     memory_budget_gib: float | None
@@ -160,9 +176,11 @@ class EvaluateParams:
 class MergeParams:
     enabled: bool
     into: str
+    dtype: str
     parity_prompts: int
     max_abs_logit_diff: float
     min_top1_agreement: float
+    max_effect_lost: float
     requantize: bool
     max_shard_size: str
 
@@ -224,7 +242,89 @@ def load_schema() -> dict[str, Any]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one, and
+    documents that expand past MAX_YAML_VALUES or MAX_YAML_DEPTH (checked on the node graph,
+    before anything is built)."""
+
+    composed = 0
+
+    # Depth is capped as the text is scanned, in flow ([{) and block (indentation) style
+    # alike: PyYAML recurses once per level and, past about 500 levels, spends 1 to 2 s
+    # (measured) before it fails with a RecursionError.
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _OverLimit(problem=f"nested deeper than {MAX_YAML_DEPTH} levels (the limit "
+                                     "for a params file)", problem_mark=self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def add_indent(self, column):
+        if len(self.indents) >= MAX_YAML_DEPTH:
+            raise _OverLimit(problem=f"nested deeper than {MAX_YAML_DEPTH} levels (the limit "
+                                     "for a params file)", problem_mark=self.get_mark())
+        return super().add_indent(column)
+
+    def compose_node(self, parent, index):
+        # Stops the parser itself early: 256 KB of "[]," would be 85,000 nodes (about 3 s).
+        self.composed += 1
+        if self.composed > MAX_YAML_VALUES:
+            raise _OverLimit(problem=f"more than {MAX_YAML_VALUES:,} values (the limit for a "
+                                     "params file)", problem_mark=self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return self.construct_document(node)
+
+
+class _OverLimit(yaml.MarkedYAMLError):
+    """A well-formed document over MAX_YAML_VALUES or MAX_YAML_DEPTH."""
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Values in the document with every alias expanded, counted without expanding them.
+
+    An alias is the same node object as its anchor, so each node's (size, height) is computed
+    once and reused: a billion laughs costs one visit per node written. Raises a
+    MarkedYAMLError at the node where a limit is crossed, or at an alias that contains itself.
+    """
+    done: dict[int, tuple[int, int]] = {}
+    active: set[int] = set()
+
+    def fail(node: yaml.Node, problem: str):
+        raise _OverLimit(problem=problem, problem_mark=node.start_mark)
+
+    def visit(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in active:
+            fail(node, "an alias that contains itself (a recursive structure)")
+        if key not in done:
+            if depth > MAX_YAML_DEPTH:
+                fail(node, f"nested deeper than {MAX_YAML_DEPTH} levels (the limit for a params "
+                           "file)")
+            active.add(key)
+            children = (node.value if isinstance(node, yaml.SequenceNode) else
+                        [n for pair in node.value for n in pair]
+                        if isinstance(node, yaml.MappingNode) else [])
+            size, height = 1, 0
+            for child in children:
+                child_size, child_height = visit(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > MAX_YAML_VALUES:
+                    fail(node, f"expands to more than {MAX_YAML_VALUES:,} values once its "
+                               "aliases are expanded (the limit for a params file); write the "
+                               "values out, or use fewer aliases")
+            active.discard(key)
+            done[key] = (size, height)
+        size, height = done[key]
+        if depth + height > MAX_YAML_DEPTH:
+            fail(node, f"nested deeper than {MAX_YAML_DEPTH} levels once its aliases are "
+                       "expanded (the limit for a params file)")
+        return size, height
+
+    return visit(root, 0)[0]
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
@@ -245,8 +345,17 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a syntax error becomes a ParamsError with file:line:column."""
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError([f"{path}: is a directory, not a params file"])
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: reading might never end
+        raise ParamsError([f"{path}: is not a regular file"])
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PARAMS_BYTES + 1)
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ParamsError([f"{path}: {path.stat().st_size:,} bytes; a params file is "
+                               f"limited to {MAX_PARAMS_BYTES:,} bytes (MAX_PARAMS_BYTES)"])
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ParamsError([f"{path}: file not found"]) from None
     except UnicodeDecodeError as err:
@@ -256,9 +365,16 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ParamsError([f"{where}: invalid YAML: {err.problem or err.context}"]) from None
+        kind = "" if isinstance(err, _OverLimit) else "invalid YAML: "
+        raise ParamsError([f"{where}: {kind}{err.problem or err.context}"]) from None
     except yaml.YAMLError as err:
         raise ParamsError([f"{path}: invalid YAML: {err}"]) from None
+    except RecursionError:  # kept as a backstop: the scanner's depth cap comes first
+        raise ParamsError([f"{path}: invalid YAML: nested too deeply to read (the limit for a "
+                           f"params file is {MAX_YAML_DEPTH} levels)"]) from None
+    except ValueError as err:  # e.g. an integer of more than 4,300 digits (Python's limit)
+        raise ParamsError([f"{path}: invalid YAML: a value cannot be read "
+                           f"({str(err).split(':')[0]})"]) from None
 
 
 def key_path(parts) -> str:
@@ -310,7 +426,57 @@ def _mapping(node: Any, *keys: str) -> dict[str, Any]:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (the cross-field rules leave the others to the schema checks)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_finite(doc: Any) -> dict[tuple, float]:
+    """{key path: value} of every NaN or infinity in a document (YAML `.nan`, `.inf`, 1.0e+999).
+
+    JSON Schema's "number" admits them, and NaN even passes every bound (comparisons with NaN
+    are false), so they are refused here, wherever they are.
+    """
+    found, stack = {}, [((), doc)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            found[where] = node
+        elif isinstance(node, dict):
+            stack.extend((where + (k,), v) for k, v in node.items() if isinstance(k, str))
+        elif isinstance(node, list):
+            stack.extend((where + (i,), v) for i, v in enumerate(node))
+    return found
+
+
+def _hashable(value: Any) -> Any:
+    """A hashable stand-in, equal exactly when JSON Schema calls two values equal (1 == 1.0,
+    true != 1, key order ignored)."""
+    if isinstance(value, bool) or value is None:
+        return ("const", value)
+    if isinstance(value, (int, float)):
+        return ("number", value)
+    if isinstance(value, dict):
+        return ("object", frozenset((_hashable(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("array", tuple(_hashable(v) for v in value))
+    return (type(value).__name__, repr(value))
+
+
+def _unique_items(validator, unique, instance, schema):
+    """uniqueItems in linear time: jsonschema's own falls back to comparing every pair when
+    items do not sort (a list mixing lists and mappings), minutes for a few thousand items."""
+    if not (unique and validator.is_type(instance, "array")):
+        return
+    seen = set()
+    for item in instance:
+        key = _hashable(item)
+        if key in seen:
+            yield ValidationError(f"{instance!r} has non-unique elements")
+            return
+        seen.add(key)
+
+
+_Validator = validators.extend(Draft202012Validator, {"uniqueItems": _unique_items})
 
 
 def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
@@ -325,11 +491,12 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
         problems.append(f"data.val_fraction + data.test_fraction: {val} + {test} must be below 1 "
                         "(nothing would be left to train on)")
     sources = data.get("sources")
+    tracked = source_rules.tracked_inputs(root)  # prepare's deps in dvc.yaml
     for i, source in enumerate(sources if isinstance(sources, list) else []):
         if isinstance(source, dict) and isinstance(source.get("path"), str):
-            if not (root / source["path"]).is_file():
-                problems.append(f"data.sources[{i}].path: {source['path']} not found "
-                                f"(relative to {root})")
+            problem = source_rules.path_problem(source["path"], root, tracked)
+            if problem:
+                problems.append(f"data.sources[{i}].path: {problem}")
     problems.extend(_benchmark_rules(_mapping(doc, "evaluate").get("benchmarks"), root))
     if lora.get("target_modules") == []:
         problems.append("lora.target_modules: is empty; list module names (e.g. q_proj, v_proj) "
@@ -426,12 +593,28 @@ def validate_document(doc: Any, root: Path = Path(".")) -> list[str]:
     schema = load_schema()
     if not isinstance(doc, dict):
         return [f"(top level): expected a mapping of sections, got {type(doc).__name__}"]
-    validator = Draft202012Validator(schema)
-    problems = []
+    validator = _Validator(schema)
+    non_finite = _non_finite(doc)
+    problems, typed = [], set()
     for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        where = tuple(error.absolute_path)
+        if where in non_finite and error.validator != "type":
+            continue  # "nan is less than..." or "inf is greater than...": said once below
+        typed.update([where] if where in non_finite else [])
         problems.extend(_describe(error, schema))
+    problems.extend(f"{key_path(list(where))}: {value} is not a finite number (NaN and "
+                    "infinities are refused)" for where, value in sorted(
+                        non_finite.items(), key=lambda kv: list(map(str, kv[0])))
+                    if where not in typed)
     problems.extend(_cross_field(doc, root))
-    return list(dict.fromkeys(problems))  # stable de-duplication
+    return list(dict.fromkeys(map(_shorten, problems)))  # stable de-duplication
+
+
+def _shorten(problem: str, limit: int = 1000) -> str:
+    """A problem that quotes a huge value (a 5,000-item list) keeps its key path and verdict."""
+    if len(problem) <= limit:
+        return problem
+    return f"{problem[:limit - 200]} ... {problem[-150:]}"
 
 
 def warnings_for(params: Params) -> list[str]:

@@ -3,7 +3,8 @@
     python stages/prepare.py --out data/prepared --metrics metrics/prepare.json
 
 Steps, in order (each counted in metrics/prepare.json, none silent):
-1. read + validate every record of every `data.sources` entry (medqlora.records);
+1. read + validate every record of every `data.sources` entry (medqlora.records); a source
+   that gives no record (empty, blank lines only, or every record invalid) stops the run;
    `data.on_invalid: error` lists every bad record and writes nothing, `skip` writes them to
    rejects.jsonl as {"source": "path:line", "reason": ...} (no record text: it may be PHI);
 2. normalise texts: Unicode NFC, runs of spaces/tabs collapsed, lines stripped, at most one
@@ -23,6 +24,8 @@ Steps, in order (each counted in metrics/prepare.json, none silent):
    then concatenate: labels are -100 exactly on the prompt tokens (bos included), the answer
    is followed by eos. Over max_seq_length: truncate cuts the answer (dropped when no answer
    token is left), drop drops;
+   each split must keep at least one row (train trains on train, early-stops on val,
+   evaluate scores test), or the run stops naming the fraction or length to change;
 7. write {train,val,test}.parquet (+ train_packed.parquet, see `pack`), meta.json, and only
    then metrics/prepare.json. Everything is built in a temporary folder renamed on success.
 """
@@ -64,11 +67,15 @@ def collect(data: DataParams, root: str | Path = ".") -> tuple[list[Example], li
     rejects: list[Reject] = []
     problems: list[str] = []
     for source in data.sources:
+        before = len(examples), len(rejects)
         try:
             for item in read_records(source, root):
                 (rejects if isinstance(item, Reject) else examples).append(item)
         except DataError as err:
             problems.extend(err.problems)
+            continue
+        problems.extend(_empty_source(source.path, len(examples) - before[0],
+                                      len(rejects) - before[1], data.on_invalid))
     if data.on_invalid == "error":
         problems.extend(str(r) for r in rejects)
     if problems:
@@ -77,6 +84,18 @@ def collect(data: DataParams, root: str | Path = ".") -> tuple[list[Example], li
                          if rejects and data.on_invalid == "error" else
                          "fix the files named above"])
     return examples, rejects, len(examples) + len(rejects)
+
+
+def _empty_source(path: str, valid: int, invalid: int, on_invalid: str) -> list[str]:
+    """A source that gives no usable record is a mistake (a wrong path, a truncated export),
+    never a success: the run would silently train on less than was asked for."""
+    if valid + invalid == 0:
+        return [f"{path}: holds no records (the file is empty or has blank lines only); fill it "
+                "or remove it from data.sources"]
+    if valid == 0 and on_invalid == "skip":
+        return [f"{path}: all {invalid} records are invalid; set data.on_invalid: error to list "
+                "them with their reasons"]
+    return []
 
 
 def _capped(problems: list[str], limit: int) -> list[str]:
@@ -269,6 +288,39 @@ def contamination_report(splits: dict[str, list[Example]], data: DataParams,
     return report
 
 
+def check_splits(splits: dict[str, list], rows: dict[str, list], data: DataParams,
+                 out_dir: Path) -> None:
+    """Every split must hold at least one row: train trains on train, evaluates and early-stops
+    on val, evaluate scores test. An empty one raises DataError naming the setting to change.
+
+    The hash split puts about fraction x records in a held-out split (0.1 x 25 = 2.5), but few
+    records scatter: 25 records at 0.1 leave val empty about 7% of the time (0.9^25).
+    """
+    kept = sum(len(examples) for examples in splits.values())
+    problems = []
+    for name in SPLITS:
+        if rows[name]:
+            continue
+        if splits[name]:
+            why = (f"every record in it ({len(splits[name])}) is longer than "
+                   f"data.max_seq_length ({data.max_seq_length}) and was dropped; raise "
+                   "data.max_seq_length" +
+                   (" or set data.overlength: truncate" if data.overlength == "drop" else
+                    " (their prompts alone are longer)"))
+        elif name == "train":
+            why = (f"all {kept} unique records went to val or test; lower data.val_fraction "
+                   f"({data.val_fraction}) and data.test_fraction ({data.test_fraction}), "
+                   "or add records")
+        else:
+            fraction = data.val_fraction if name == "val" else data.test_fraction
+            why = (f"none of the {kept} unique records fell in it (data.{name}_fraction: "
+                   f"{fraction}, about {fraction * kept:.1f} expected); raise "
+                   f"data.{name}_fraction or add records")
+        problems.append(f"{out_dir / (name + '.parquet')}: the {name} split would be empty: {why}")
+    if problems:
+        raise DataError(problems)
+
+
 # ---------------------------------------------------------------- 6. template, tokenise
 
 def load_tokenizer(params: Params):
@@ -412,6 +464,7 @@ def prepare(params: Params, out_dir: str | Path, metrics_path: str | Path,
     tokenizer = load_tokenizer(params)
     counts: Counter = Counter(truncated=0, dropped_overlength=0)
     rows = {name: build_rows(splits[name], name, tokenizer, data, counts) for name in SPLITS}
+    check_splits(splits, rows, data, Path(out_dir))
     metrics = {
         "records_in": records_in, "rejected": len(rejects),
         "rejected_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),

@@ -204,11 +204,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def local_rank() -> int:
-    """This process's rank on its host = the GPU it uses (0 when not launched)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def is_main() -> bool:
     """Rank 0: the only process that writes the stage's outputs."""
     return rank() == 0

@@ -31,7 +31,7 @@ class Card:
     metrics: dict[str, dict | None]
     generation: dict[str, Any]
     images: list[str] = field(default_factory=list)
-    include_merged: bool = False
+    merged: dict[str, Any] = field(default_factory=lambda: {"included": False, "reason": None})
     data_meta: dict | None = None
 
 
@@ -217,14 +217,29 @@ def _parity(merge: dict | None) -> str:
         return "_No merge recorded._"
     if merge.get("enabled") is False:
         return "Merging was disabled (`merge.enabled: false`): deploy the adapter on the 4-bit base."
-    tol = merge.get("tolerance", {})
-    text = (f"Merged into the **{merge.get('into')}** base weights ({merge.get('dtype')}). On "
-            f"{merge.get('n_prompts')} held-out test prompts ({merge.get('n_positions')} positions) "
-            f"the merged model's logits vs the 4-bit base + adapter: max |diff| "
-            f"{_fmt(merge.get('max_abs_logit_diff'))} (tolerance {_fmt(tol.get('max_abs_logit_diff'))}), "
-            f"mean |diff| {_fmt(merge.get('mean_abs_logit_diff'))}, top-1 agreement "
-            f"{_fmt(merge.get('top1_agreement'))} (minimum {_fmt(tol.get('min_top1_agreement'))}): "
-            f"**{'passed' if merge.get('passed') else 'FAILED'}**.")
+    if merge.get("passed") is None and merge.get("reason"):
+        return f"Not merged: {merge['reason']}. Deploy the adapter on the 4-bit base."
+    floor, effect = merge.get("noise_floor") or {}, merge.get("adapter_effect") or {}
+    text = (f"Merged in float32 into the **{merge.get('into')}** base weights, stored in "
+            f"{merge.get('dtype')}. On {merge.get('n_prompts')} held-out test prompts "
+            f"({merge.get('n_positions')} positions), mean / max |logit difference|:\n\n"
+            "| comparison | mean | max | top-1 agreement |\n|---|---|---|---|\n"
+            f"| adapter effect (4-bit base vs base + adapter) | "
+            f"{_fmt(effect.get('mean_abs_logit_diff'))} | {_fmt(effect.get('max_abs_logit_diff'))}"
+            f" | {_fmt(effect.get('top1_agreement'))} |\n"
+            f"| noise floor (4-bit base vs its weights stored unquantized) | "
+            f"{_fmt(floor.get('mean_abs_logit_diff'))} | {_fmt(floor.get('max_abs_logit_diff'))}"
+            f" | {_fmt(floor.get('top1_agreement'))} |\n"
+            f"| merged model vs 4-bit base + adapter | {_fmt(merge.get('mean_abs_logit_diff'))} | "
+            f"{_fmt(merge.get('max_abs_logit_diff'))} | {_fmt(merge.get('top1_agreement'))} |\n\n"
+            f"The merged model keeps {_fmt(merge.get('effect_kept'))} of the adapter's mean effect. "
+            + "Gate: " + "; ".join(
+                f"{key} {_fmt(check['value'])} (limit {_fmt(check['limit'])})"
+                for key, check in (merge.get("gate") or {}).items())
+            + f": **{'passed' if merge.get('passed') else 'FAILED'}**.")
+    if merge.get("passed") is False:
+        text += (" The merged weights were therefore **not** shipped: deploy the adapter on the "
+                 "4-bit base (below), which is exactly the model evaluated.")
     alt = merge.get("alternative")
     if alt:
         text += (f"\n\nFor comparison, merging into the **{alt['into']}** weights instead gives max "
@@ -309,7 +324,8 @@ def render(card: Card) -> str:
     base_rev = (card.adapter_meta.get("base") or {}).get("revision")
     images = "\n\n".join(f"![{Path(i).stem.replace('_', ' ')}]({i})" for i in card.images)
     merged = ("`merged/` holds the adapter merged into the base (plain transformers weights, "
-              "no peft needed)." if card.include_merged else "No merged weights are included.")
+              "no peft needed)." if card.merged["included"] else
+              f"No merged weights are included ({card.merged['reason']}).")
     sections = [
         _front_matter(card),
         f"# {card.name}",
@@ -342,7 +358,7 @@ def render(card: Card) -> str:
         "## How to load\n\nWith transformers and peft only:\n\n" + _loading(card)
         + "\n\nOr `medqlora generate --package artifacts/package --prompt \"...\"`.",
         "## Integrity\n\n`manifest.json` lists the sha256 and size of every file and the "
-        "lineage (git commit, dvc.lock hashes, base, library versions). Check a copy with "
+        "lineage (dvc.lock hashes, base, library versions). Check a copy with "
         "`medqlora verify <folder>`.",
     ]
     return "\n\n".join(sections) + "\n"

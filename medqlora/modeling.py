@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -201,8 +201,16 @@ def trainable_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def settings_from_meta(meta: dict[str, Any]) -> tuple[ModelParams, QuantizationParams, Precision]:
-    """(ModelParams, QuantizationParams, Precision) an adapter was trained with, from its meta.json.
+class LoadSettings(NamedTuple):
+    """How to load the base an adapter was trained on (unpacks as model, quant, precision)."""
+    model: ModelParams
+    quant: QuantizationParams
+    precision: Precision
+
+
+def settings_from_meta(meta: dict[str, Any]) -> LoadSettings:
+    """The ModelParams, QuantizationParams and Precision an adapter was trained with, from its
+    meta.json.
 
     Downstream stages load the base exactly as train did: same id/revision, same 4-bit
     settings, same compute dtype (meta["precision"]["compute_dtype"], which already includes
@@ -218,4 +226,4 @@ def settings_from_meta(meta: dict[str, Any]) -> tuple[ModelParams, QuantizationP
     compute = trained.get("compute_dtype", quant.bnb_4bit_compute_dtype)
     mixed = "bf16" if trained.get("bf16") else ("fp16" if trained.get("fp16") else "no")
     precision = resolve_precision(replace(quant, bnb_4bit_compute_dtype=compute), mixed)
-    return model, quant, precision
+    return LoadSettings(model, quant, precision)

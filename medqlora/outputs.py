@@ -9,11 +9,15 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -83,10 +87,39 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
             os.unlink(tmp)
 
 
+def finite(obj: Any) -> tuple[Any, dict[str, str]]:
+    """A copy of `obj` with every NaN or infinity replaced by None, and {where: "nan" | "inf" |
+    "-inf"} for each one (`where` as `a.b[2]`). Python's json writes them as NaN/Infinity,
+    which is not JSON: strict parsers (jq, JavaScript, DVC's plots) reject the whole file."""
+    found: dict[str, str] = {}
+
+    def clean(node: Any, where: str) -> Any:
+        if isinstance(node, float) and not math.isfinite(node):
+            found[where or "(top level)"] = str(node)
+            return None
+        if isinstance(node, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    return clean(obj, ""), found
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented, key-sorted JSON, atomically."""
+    """Write `obj` as indented, key-sorted, strict JSON, atomically.
+
+    A non-finite number is written as null, and a mapping gets a "non_finite" entry saying
+    which values were and what they were ({"eval.perplexity": "inf"}), with a warning.
+    """
+    obj, found = finite(obj)
+    if found:
+        log.warning("%s: non-finite values written as null: %s", path,
+                    ", ".join(f"{k} ({v})" for k, v in found.items()))
+        if isinstance(obj, dict):
+            obj = {**obj, "non_finite": found}
     with atomic_file(path) as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
         handle.write("\n")
 
 

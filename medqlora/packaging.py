@@ -20,14 +20,15 @@ resolves a relative path against the working directory, so the loading code runs
 project root, or from a deployment folder that holds the base at that same relative path
 (`dvc get <repo> models/tiny-med-llama -o models/tiny-med-llama`). docs/deploy.md shows both.
 
-Bytes are deterministic (no timestamps; sorted JSON; PNGs without a date): rebuilding from the
-same inputs at the same commit gives an identical manifest.
+Bytes are deterministic (no timestamps, commit or measured speed; sorted JSON; PNGs without a
+date): rebuilding from the same inputs gives identical files, at any commit.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ import yaml
 
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, read_json, sha256_file, sha256_tree, write_json
-from medqlora.provenance import git_commit, library_versions, read_meta, runner_info, write_meta
+from medqlora.provenance import (library_versions, read_meta, reproducible, runner_info,
+                                 write_meta)
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -121,29 +123,51 @@ def dvc_lock_hashes(lock_path: Path = Path("dvc.lock"), skip: str = "package") -
     if not lock_path.is_file():
         return None
     lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    reports = report_paths(lock_path.with_name("dvc.yaml"))
     out = {}
     for name, entry in sorted((lock.get("stages") or {}).items()):
         if name == skip:
             continue
         out[name] = {
-            kind: {item["path"]: item.get("md5") or item.get("hash") for item in entry.get(kind, [])}
+            kind: {item["path"]: item.get("md5") or item.get("hash") for item in entry.get(kind, [])
+                   if item["path"] not in reports}
             for kind in ("deps", "outs")
         }
         out[name]["params"] = entry.get("params", {})
     return out
 
 
-def lineage(params: Params, adapter_meta: dict, merged_meta: dict | None) -> dict[str, Any]:
-    """Where the package came from: commit, dvc.lock, base, libraries, runner."""
+def report_paths(pipeline: Path) -> set[str]:
+    """The metrics and plots files dvc.yaml declares: reports (metrics/train.json holds measured
+    speed), not inputs of the package; their hashes stay out of its lineage."""
+    if not pipeline.is_file():
+        return set()
+    stages = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    return {next(iter(item)) if isinstance(item, dict) else item
+            for stage in stages.values() for kind in ("metrics", "plots")
+            for item in stage.get(kind) or []}
+
+
+def lineage(params: Params, adapter_meta: dict, merged_meta: dict | None,
+            merged: dict[str, Any], data_meta: dict | None = None) -> dict[str, Any]:
+    """Where the package came from: dvc.lock hashes, data sources, base, libraries, runner,
+    and whether merged weights are included (and why not). No commit: the tag that names the
+    package names it; equal inputs give an equal manifest.
+
+    `data_sources`: sha256 of each raw file prepare read (data/prepared/meta.json), so the
+    package names the exact data even when a source is one file of a DVC-tracked folder.
+    """
     return {
         "name": params.package.name,
-        "git_commit": git_commit(),
         "dvc_lock": dvc_lock_hashes(),
+        "data_sources": None if data_meta is None else {
+            name: entry.get("sha256") for name, entry in sorted(
+                (data_meta.get("inputs") or {}).items())},
         "base": adapter_meta.get("base"),
         "quantization": adapter_meta.get("params", {}).get("quantization"),
-        "merged": None if merged_meta is None else {
+        "merged": {**merged, **({} if merged_meta is None else {
             "into": merged_meta.get("into"), "dtype": merged_meta.get("dtype"),
-            "parity": merged_meta.get("parity")},
+            "parity": merged_meta.get("parity")})},
         "libraries": library_versions(),
         "runner": runner_info(),
     }
@@ -179,7 +203,11 @@ def copy_adapter(adapter_dir: Path, out: Path, base: str, revision: str | None) 
 
 
 def check_merged(merged_dir: Path, adapter_dir: Path, merge_metrics: dict | None) -> dict:
-    """The merged folder's meta.json, after checking it was merged from *this* adapter."""
+    """The merged folder's meta.json, after checking it was merged from *this* adapter.
+
+    A merge whose parity gate failed left a folder without weights (meta.json "merged":
+    false and the reason): the package then ships the adapter alone and says so.
+    """
     meta = read_meta(merged_dir)
     if meta.get("skipped"):
         raise ValueError(f"package.include_merged: true, but {merged_dir} is empty "
@@ -188,10 +216,31 @@ def check_merged(merged_dir: Path, adapter_dir: Path, merge_metrics: dict | None
     if made_from != sha256_tree(adapter_dir):
         raise ValueError(f"{merged_dir} was merged from another adapter than {adapter_dir}: "
                          "re-run the merge stage (dvc repro merge)")
+    if meta.get("merged") is False:
+        return meta
     if merge_metrics is not None and merge_metrics.get("passed") is not True:
         raise ValueError("metrics/merge.json does not say passed: the merged model is not "
                          "packaged without parity")
     return meta
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """Hard-link `src` at `dst` (same filesystem), else copy it with its metadata."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def merged_status(merged_meta: dict | None, include_merged: bool) -> dict[str, Any]:
+    """{"included": bool, "reason": str | None} for the manifest, meta.json and model card."""
+    if not include_merged:
+        return {"included": False, "reason": "package.include_merged is false"}
+    if merged_meta is None or merged_meta.get("merged") is False:
+        return {"included": False, "reason": (merged_meta or {}).get("reason")
+                or "the merge stage published no weights"}
+    return {"included": True, "reason": None}
 
 
 def write_generation_config(out: Path, params: Params, evaluate_metrics: dict | None,
@@ -226,10 +275,14 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
     from medqlora import modelcard
     adapter_dir, merged_dir, metrics_dir = Path(adapter_dir), Path(merged_dir), Path(metrics_dir)
     adapter_meta = read_meta(adapter_dir)
-    metrics = {name: _optional_json(metrics_dir / f"{name}.json")
-               for name in ("prepare", "train", "evaluate", "benchmark", "merge")}
+    metrics = {name: reproducible(_optional_json(metrics_dir / f"{name}.json"))
+               for name in ("prepare", "train", "evaluate", "benchmark", "merge")}  # no timings in the card
     merged_meta = (check_merged(merged_dir, adapter_dir, metrics["merge"])
                    if params.package.include_merged else None)
+    merged = merged_status(merged_meta, params.package.include_merged)
+    if params.package.include_merged and not merged["included"]:
+        log.warning("package without merged weights: %s; the adapter is packaged and loads on "
+                    "the 4-bit base", merged["reason"])
     data_meta = _optional_json(Path(data_meta_path))
     model = adapter_meta.get("params", {}).get("model", {})
     base = portable_base(model.get("base") or adapter_meta["base"]["id"])
@@ -237,22 +290,25 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
         copy_adapter(adapter_dir, tmp, base, model.get("revision"))
         tokenizer = AutoTokenizer.from_pretrained(str(tmp))
         generation = write_generation_config(tmp, params, metrics["evaluate"], tokenizer)
-        if merged_meta is not None:
-            shutil.copytree(merged_dir, tmp / "merged")
+        if merged["included"]:
+            # Hard links where the filesystem allows: a 7B float32 merge is 28 GB, and the
+            # package would otherwise hold a second copy of it (the bytes are identical).
+            shutil.copytree(merged_dir, tmp / "merged", copy_function=link_or_copy)
         images = modelcard.write_charts(tmp / "images", Path(plots_dir), metrics["evaluate"])
         card = modelcard.Card(name=params.package.name, license=params.package.license,
                               base=base, adapter_meta=adapter_meta, metrics=metrics,
                               generation=generation, images=images,
-                              include_merged=merged_meta is not None,
+                              merged=merged,
                               data_meta=data_meta)
         (tmp / "README.md").write_text(modelcard.render(card), encoding="utf-8")
         write_meta(tmp, stage="package",
                    params=params.section("package") | {"generation": generation},
                    inputs={"adapter": adapter_dir,
-                           **({"merged": merged_dir} if merged_meta is not None else {})},
+                           **({"merged": merged_dir} if merged["included"] else {})},
                    extra={"adapter": adapter_meta, "merged": merged_meta,
-                          "prompt": prompt_format(data_meta)})
-        manifest = write_manifest(tmp, lineage(params, adapter_meta, merged_meta))
+                          "merged_weights": merged, "prompt": prompt_format(data_meta)})
+        manifest = write_manifest(tmp, lineage(params, adapter_meta, merged_meta, merged,
+                                               data_meta))
     log.info("package %s: %d files, verified by `medqlora verify %s`", out_dir,
              len(manifest["files"]), out_dir)
     return manifest
@@ -319,29 +375,35 @@ def read_prompts(prompt: str | None, file: str | Path | None) -> list[str]:
     return texts
 
 
-def generate(package_dir: str | Path, texts: list[str], merged: bool = False) -> dict[str, Any]:
-    """Answers to `texts` with the package's generation settings, plus speed and memory."""
+def generate(package_dir: str | Path, texts: list[str], merged: bool = False,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Answers to `texts` with the package's generation settings (generation.generate_tokens,
+    the path evaluate scored), plus speed and memory."""
     import resource
     import time
     import torch
     from transformers import GenerationConfig
+    from medqlora.generation import GenerationSettings, generate_tokens
     from medqlora.templates import format_prompt
     package_dir = Path(package_dir)
     model, tokenizer = load_for_generation(package_dir, merged)
-    system = read_json(package_dir / "meta.json").get("prompt", {}).get("system", "")
+    meta = read_json(package_dir / "meta.json")
+    system = meta.get("prompt", {}).get("system", "")
+    recorded = meta.get("params", {}).get("generation", {})
     config = GenerationConfig.from_pretrained(str(package_dir))
+    settings = GenerationSettings(config.max_new_tokens, bool(config.do_sample),
+                                  config.temperature or 1.0, config.top_p or 1.0,
+                                  batch_size or recorded.get("batch_size", 8),
+                                  recorded.get("seed", 0))
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    answers, new_tokens, start = [], 0, time.perf_counter()
-    for text in texts:
-        ids = tokenizer(format_prompt(tokenizer, text, system), return_tensors="pt").to(device)
-        with torch.no_grad():
-            out = model.generate(**ids, generation_config=config)
-        tail = out[0, ids.input_ids.shape[1]:]
-        new_tokens += int(tail.shape[0])
-        answers.append(tokenizer.decode(tail, skip_special_tokens=True).strip())
+    ids = [tokenizer(format_prompt(tokenizer, text, system))["input_ids"] for text in texts]
+    start = time.perf_counter()
+    new = generate_tokens(model, tokenizer, ids, settings, config)
     seconds = time.perf_counter() - start
+    answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
+    new_tokens = sum(len(tokens) for tokens in new)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     return {"answers": answers, "new_tokens": new_tokens, "seconds": seconds,

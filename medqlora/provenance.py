@@ -2,13 +2,18 @@
 
 Downstream stages read their input's meta.json (not params.yaml) to learn how it was made:
 merge reads the adapter's quantization settings, package the whole chain.
+
+meta.json is part of a DVC-hashed output, so it holds only facts that the same inputs always
+reproduce: no git commit (any commit, even one touching only the README, would change every
+output's hash and re-run everything downstream; the commit that holds dvc.lock already names
+the run) and no timings. Measured speed and memory stay in metrics/*.json (not cached, shown by
+`dvc metrics show`) and are left out of the package (`reproducible`).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,11 @@ from medqlora.outputs import read_json, sha256_tree, write_json
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
              "tokenizers", "safetensors", "dvc", "medqlora")
 META = "meta.json"
+# Facts of metrics/*.json that two runs of the same inputs give differently (wall clock,
+# memory high-water marks, whether the run was interrupted and resumed): reported by
+# `dvc metrics show`, never copied into an output.
+VOLATILE = frozenset({"tokens_per_second", "step_seconds_median", "peak_memory_gib",
+                      "peak_memory_gib_per_process", "resumed_from_step"})
 
 
 def library_versions() -> dict[str, str | None]:
@@ -30,14 +40,11 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_commit(root: str | Path = ".") -> str | None:
-    """HEAD commit of the project (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+def reproducible(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`metrics` without its VOLATILE facts: what the same inputs always give."""
+    if metrics is None:
         return None
-    return out.stdout.strip() or None
+    return {key: value for key, value in metrics.items() if key not in VOLATILE}
 
 
 def runner_info() -> dict[str, Any]:
@@ -52,14 +59,14 @@ def runner_info() -> dict[str, Any]:
 
 def write_meta(out_dir: str | Path, *, stage: str, params: dict[str, Any],
                inputs: dict[str, str | Path], extra: dict[str, Any] | None = None) -> dict:
-    """Write `out_dir/meta.json`: resolved params, input hashes, versions, runner."""
+    """Write `out_dir/meta.json`: resolved params, input hashes, versions, runner (equal
+    inputs give equal bytes)."""
     meta = {
         "stage": stage,
         "params": params,
         "inputs": {name: {"path": str(path), "sha256": sha256_tree(path)}
                    for name, path in inputs.items()},
         "libraries": library_versions(),
-        "git_commit": git_commit(),
         "runner": runner_info(),
         **(extra or {}),
     }

@@ -12,11 +12,13 @@ Formats (`data.sources[].format`), our field names (`fields` maps them to the so
           is the assistant's answer, everything before it the prompt
   mcq     question, options ({"A": ...} or a list), answer (a letter), explanation (optional)
 A file that cannot be read at all (not JSON, unreadable Parquet) raises DataError: its records
-cannot be counted, so skipping them would be a silent drop.
+cannot be counted, so skipping them would be a silent drop. Text files are UTF-8; a leading
+byte-order mark (spreadsheet exports write one) is skipped.
 A Reject carries a reason kind (counted in metrics) and a message; never the record's text.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -70,6 +72,12 @@ class _Invalid(Exception):
 
 # ---------------------------------------------------------------- reading files
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes without a UTF-8 byte-order mark (it would break the first record)."""
+    data = path.read_bytes()
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
 def _line_of(data: bytes | str, offset: int) -> int:
     newline = b"\n" if isinstance(data, bytes) else "\n"
     return data.count(newline, 0, offset) + 1
@@ -77,7 +85,7 @@ def _line_of(data: bytes | str, offset: int) -> int:
 
 def _read_jsonl(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     """(line, object-or-_Invalid) for each non-blank line."""
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -96,7 +104,7 @@ def _read_jsonl(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
 
 def _read_json(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     """A JSON list: each element with the line it starts on."""
-    data = path.read_bytes()
+    data = _read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -127,7 +135,7 @@ def _read_json(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
 
 def _read_csv(path: Path, shown: str) -> Iterator[tuple[int, Any]]:
     """Rows as dicts of non-empty cells (an empty cell is an absent optional field)."""
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header is None:
@@ -295,6 +303,9 @@ def read_records(source: Source, root: str | Path = ".") -> Iterator[Example | R
     """Every record of one source, in file order, as an Example or a Reject."""
     path = Path(root) / source.path
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError([f"{source.path}: is a directory; data.sources takes files: list each "
+                         "file in it as its own source"])
     if not path.is_file():
         raise DataError([f"{source.path}: file not found (data.sources path)"])
     for line, obj in READERS[suffix](path, source.path):

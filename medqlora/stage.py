@@ -1,21 +1,30 @@
-"""What every stage entrypoint does first: parse its paths, validate params, pick the runner.
+"""What every stage entrypoint does first: check the interpreter, parse its paths, validate
+params, pick the runner, and hand the library only the params dvc.yaml declares for the stage.
 
     args, params = stage.start("train", parser, argv)
 
-validates the *whole* params file (every problem at once, exit 2) before any model or data is
-loaded, and with `runner.backend: docker` re-executes the same command inside the project
-image (see medqlora.runner) and exits with the container's code.
+checks that this `python` has the project's libraries (DVC runs whichever `python` PATH holds:
+without the venv activated that is the system's, and the stage would die deep inside with
+"No module named 'torch'"), validates the *whole* params file (every problem at once, exit 2)
+before any model or data is loaded, and with `runner.backend: docker` re-executes the same
+command inside the project image (see medqlora.runner) and exits with the container's code.
+The params returned are `contract.restrict(params, name)`: reading a key that dvc.yaml does not
+list under the stage's `params:` raises contract.UndeclaredParams.
+
+Only the standard library is imported at module level, so the interpreter check runs first.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
 
-from medqlora.config import Params, ParamsError, load_params, warnings_for
-
 EXIT_INVALID_PARAMS = 2
+EXIT_WRONG_INTERPRETER = 4
+# What every stage imports (pyproject.toml pins them; `make setup` installs them in .venv).
+REQUIRED = ("yaml", "jsonschema", "torch", "transformers", "peft", "pyarrow")
 IN_CONTAINER = "MEDQLORA_IN_CONTAINER"
 log = logging.getLogger("medqlora")
 
@@ -33,9 +42,22 @@ def setup_logging() -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
-def start(name: str, arg_parser: argparse.ArgumentParser,
-          argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    """Parse args and validate params; hand over to the container runner when configured."""
+def require_interpreter(name: str) -> None:
+    """Exit 4 with one line when this interpreter lacks the project's libraries."""
+    missing = [module for module in REQUIRED if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"{name}: {sys.executable} lacks {', '.join(missing)}: run the stages with the "
+              "project's venv (`source .venv/bin/activate` first, or `make repro`)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_WRONG_INTERPRETER)
+
+
+def start(name: str, arg_parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Check the interpreter, parse args, validate params; hand over to the container runner
+    when configured. Returns (args, the params dvc.yaml declares for stage `name`)."""
+    require_interpreter(name)
+    from medqlora import contract
+    from medqlora.config import ParamsError, load_params, warnings_for
     setup_logging()
     args = arg_parser.parse_args(argv)
     try:
@@ -53,4 +75,4 @@ def start(name: str, arg_parser: argparse.ArgumentParser,
         raise SystemExit(run_in_container(params.runner, name, sys.argv if argv is None
                                           else [sys.argv[0], *argv]))
     log.info("%s: params valid (%s)", name, args.params)
-    return args, params
+    return args, contract.restrict(params, name)

@@ -243,12 +243,95 @@ class StopAtEnd:
             raise NothingLeftToTrain
 
 
+class Diverged(RuntimeError):
+    """Raised by DivergenceGuard: the run stopped before publishing anything."""
+
+    def __init__(self, step: int, reason: str, outcome: tuple[str, ...] = ()):
+        self.step, self.reason, self.outcome = step, reason, outcome
+        super().__init__("\n".join([f"train: diverged at step {step}: {reason}", *outcome]))
+
+
+class DivergenceGuard:
+    """Stops a diverging run before it can publish an adapter or write a NaN metric.
+
+    - Before every optimizer step the trainable weights' gradients must be finite: a NaN or
+      infinite loss makes them non-finite, and clipping keeps them so (0.3 / nan = nan), so the
+      step that would write NaN into the weights never runs and every checkpoint stays finite.
+    - Every logged loss, grad_norm and eval_loss must be finite (training_args turns off the
+      Trainer's logging_nan_inf_filter, which would log the running mean in place of a NaN).
+    - The training loss may not stay above `factor` x its first logged value for `steps`
+      optimizer steps; while it is above, no checkpoint is saved, so the newest one on disk is
+      from before the loss took off (e.g. factor 4: a run starting at 2.5 stops above 10).
+    With fp16 the loss scaler skips steps whose gradients overflow (that is how it finds its
+    scale), so only the losses are checked there. Raises Diverged; train.run adds what was kept.
+    """
+
+    def __init__(self, factor: float | None, steps: int, scaled: bool = False):
+        self.factor, self.steps, self.scaled = factor, steps, scaled
+        self.start: float | None = None   # the run's first logged training loss
+        self.last_ok = 0                  # last logged step within factor x start
+        self.above = False
+        self.trainable: list | None = None
+
+    def _track(self, loss: float, step: int) -> None:
+        self.start = loss if self.start is None else self.start
+        self.above = self.factor is not None and self.start > 0 and loss > self.factor * self.start
+        if not self.above:
+            self.last_ok = step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.last_ok, self.above = None, 0, False
+        for entry in state.log_history:  # on resume: the checkpoint's history
+            if "loss" in entry:
+                self._track(entry["loss"], entry.get("step", 0))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.scaled or model is None:
+            return
+        if self.trainable is None:  # the adapter's tensors: a few hundred of a model's thousands
+            self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = [(name, p.grad) for name, p in self.trainable if p.grad is not None]
+        grads = [(name, g.to_local() if hasattr(g, "to_local") else g) for name, g in grads]
+        grads = [(name, g) for name, g in grads if g.numel()]
+        if not grads:
+            return
+        peaks = torch.stack([g.detach().abs().amax().float() for _, g in grads])
+        if not bool(torch.isfinite(peaks).all()):  # one device sync per step
+            bad = [name for (name, _), ok in zip(grads, torch.isfinite(peaks).tolist()) if not ok]
+            raise Diverged(state.global_step + 1, f"the gradient is not finite in {len(bad)} of "
+                           f"{len(grads)} trainable tensors (first: {bad[0]}); the loss or its "
+                           "gradient overflowed, the optimizer step was not taken")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.above:
+            control.should_save = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for key in ("loss", "eval_loss") + (() if self.scaled else ("grad_norm",)):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                raise Diverged(state.global_step, f"{key} is {value}")
+        if "loss" in logs:
+            self._track(logs["loss"], state.global_step)
+            if self.above and state.global_step - self.last_ok >= self.steps:
+                raise Diverged(state.global_step, (
+                    f"the training loss ({logs['loss']:.4g}) has stayed above "
+                    f"train.divergence_factor x its first logged value ({self.factor:g} x "
+                    f"{self.start:.4g} = {self.factor * self.start:.4g}) for "
+                    f"{state.global_step - self.last_ok} steps (train.divergence_steps: "
+                    f"{self.steps})"))
+        if self.above:
+            control.should_save = False
+
+
 def _callback(obj):
     """Wrap a duck-typed callback as a transformers TrainerCallback."""
     from transformers import TrainerCallback
     cls = type(type(obj).__name__, (TrainerCallback,), {
         name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end",
-                                              "on_step_begin", "on_step_end", "on_save")
+                                              "on_step_begin", "on_step_end", "on_save",
+                                              "on_pre_optimizer_step")
         if hasattr(obj, name)})
     return cls()
 
@@ -307,6 +390,7 @@ def training_args(params: Params, plan: Plan, precision: modeling.Precision, run
         seed=params.seed, data_seed=params.seed,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False, report_to="none", disable_tqdm=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN: DivergenceGuard stops it
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every LoRA weight gets a grad
     )
@@ -337,7 +421,10 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     model = build_model(params, precision, lora_from=resume if fsdp else None)
     args = training_args(params, plan, precision, run_dir, fresh=resume is None)
     clock = StepClock()
-    callbacks = [_callback(clock), _callback(StopAtEnd())]
+    guard = DivergenceGuard(params.train.divergence_factor, params.train.divergence_steps,
+                            scaled=precision.fp16)
+    # The guard first: it must raise before dvclive logs a NaN and before a checkpoint is saved.
+    callbacks = [_callback(guard), _callback(clock), _callback(StopAtEnd())]
     if live_dir is not None:  # None: no loss curves (runs outside DVC, e.g. bench/)
         callbacks.append(_callback(LiveCallback(live_dir)))
     lora_saver = adapter_io.SaveLoraInCheckpoints()
@@ -505,6 +592,22 @@ def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precisi
         })
 
 
+def diverged_outcome(params: Params, run_dir: Path, out_dir: Path,
+                     metrics_path: str | Path) -> tuple[str, ...]:
+    """What a diverged run left behind and what to change, one line each."""
+    kept = checkpoints.checkpoints(run_dir)
+    t, lora = params.train, params.lora
+    return (
+        f"nothing was published: {out_dir} and {metrics_path} were left as they were",
+        f"last good checkpoint: {kept[0]} (kept)" if kept else
+        f"no checkpoint had been saved yet (train.save_steps: {t.save_steps})",
+        f"lower train.learning_rate ({t.learning_rate:g}) or lora.lora_alpha "
+        f"({lora.lora_alpha:g}), or clip harder with train.max_grad_norm ({t.max_grad_norm:g}); "
+        "changing them starts a fresh run (a re-run with the same params resumes from the "
+        "checkpoint above and diverges again)",
+    )
+
+
 def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_dir: str | Path,
         live_dir: str | Path | None, metrics_path: str | Path) -> dict[str, Any]:
     """The whole train stage; returns the metrics written to `metrics_path`.
@@ -527,8 +630,12 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     run_dir = Path(checkpoints_dir) / key
     log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
     tokenizer = modeling.load_tokenizer(params.model)
-    trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
-                                                   run_dir, Path(live_dir) if live_dir else None)
+    try:
+        trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
+                                                       run_dir, Path(live_dir) if live_dir else None)
+    except Diverged as err:
+        raise Diverged(err.step, err.reason, diverged_outcome(params, run_dir, out_dir,
+                                                              metrics_path)) from None
     metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
     # --- distributed: every rank joins the FSDP gather; only rank 0 writes the outputs ---
     lora = adapter_io.gather_lora(trainer.model) if trainer.is_fsdp_enabled else None

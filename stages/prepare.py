@@ -9,9 +9,11 @@ Exit 0 on success, 1 when records are invalid or hold personal identifiers (noth
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from medqlora import stage
-from medqlora.dataset import run
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medqlora import stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/prepared", help="output folder")
     parser.add_argument("--metrics", default="metrics/prepare.json", help="metrics file")
     args, params = stage.start("prepare", parser, argv)
+    from medqlora.dataset import run  # lazy: libraries only after the interpreter check
     return run(params, args.out, args.metrics)
 
 

@@ -29,9 +29,13 @@ def main(argv=None):
         raise SystemExit(launch.relaunch(params, str(Path(__file__).resolve()), script_args))
     launch.one_gpu_unless_launched()  # else the Trainer spreads one process over every GPU
     # --- end distributed ---
-    from medqlora.training import run
+    from medqlora.training import Diverged, run
     live = None if args.live == "none" else args.live
-    run(params, args.data, args.out, args.checkpoints, live, args.metrics)
+    try:
+        run(params, args.data, args.out, args.checkpoints, live, args.metrics)
+    except Diverged as err:  # the divergence guard: exit 1, nothing published
+        print(err, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -2,18 +2,19 @@
 
 LoRA's B starts at zero, so an untrained adapter merges to exactly the base and proves nothing;
 `make_adapter` takes a few SGD steps so B·A is non-zero, then writes the folder train writes:
-peft files, tokenizer, and a meta.json following the adapter contract (params, precision, base).
+peft files, tokenizer, and the meta.json train writes (params, precision, base), through the same
+writer (medqlora.provenance.write_meta).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import yaml
 
-from medqlora import modeling
+from medqlora import modeling, training
 from medqlora.config import build_params
+from medqlora.provenance import write_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["### Instruction:\nWhat is anemia?\n\n### Response:\nA low hemoglobin level.",
@@ -49,17 +50,19 @@ def make_adapter(base: str, out: Path, steps: int = 8, lr: float = 0.05, **overr
         optim.zero_grad()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    meta = {
-        "stage": "train",
-        "params": params.section("seed", "model", "quantization", "lora", "train"),
-        "inputs": {},
-        "precision": {"device": precision.device,
-                      "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
-                      "bf16": precision.bf16, "fp16": precision.fp16, "notes": []},
-        "base": {"id": base, "revision": None, "sha256": None},
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    adapter_meta(out, params, precision, base)
     return out
+
+
+def adapter_meta(out: Path, params, precision, base: str) -> dict:
+    """The adapter's meta.json, through the writer train uses (medqlora.provenance)."""
+    return write_meta(out, stage="train", params=params.section(*training.SECTIONS), inputs={},
+                      extra={"precision": {"device": precision.device,
+                                           "compute_dtype": str(precision.compute_dtype)
+                                           .removeprefix("torch."),
+                                           "bf16": precision.bf16, "fp16": precision.fp16,
+                                           "notes": list(precision.notes)},
+                             "base": {"id": base, "revision": None, "sha256": None}})
 
 
 def write_test_split(data_dir: Path, prompts: list[str]) -> Path:

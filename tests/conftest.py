@@ -1,6 +1,19 @@
-"""Shared fixtures. Everything runs offline on CPU; nothing touches a model or dataset hub."""
+"""Shared fixtures and the suite's rules. Everything runs offline on CPU; nothing touches a
+model or dataset hub.
+
+Rules enforced here, for every test:
+- a test that builds or runs a torch model (or a fixture it uses does), or uses a pipeline run,
+  is marked `slow`: the unmarked tier is `make test-fast`, the edit loop, and runs none
+  (`_guard`);
+- the library calls of each stage script (medqlora.training.run, ...) get the params view of
+  the stage contract, also when a test calls them directly: reading a key that dvc.yaml does
+  not declare for the stage fails the test (medqlora/contract.py).
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import os
 import shutil
 import subprocess
@@ -8,7 +21,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from medqlora import contract
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -112,3 +128,95 @@ def pipeline_workspace(tmp_path_factory) -> Path:
          f"medqlora-tiny-med@{BASELINE_TAG}", "-m", f"medqlora-tiny-med {BASELINE_TAG}"], ws)
     shutil.copy2(ws / "artifacts/package/manifest.json", ws.parent / "baseline_manifest.json")
     return ws
+
+
+def restore_baseline(ws: Path) -> None:
+    """Put a pipeline workspace back at its baseline commit: tracked files (params, dvc.lock,
+    metrics) from git, DVC outputs from the cache, anything else new removed. Tests that change
+    the workspace call it after themselves, so none depends on another's leftovers."""
+    run(["git", "reset", "-q", "--hard", BASELINE_TAG], ws)
+    run(["git", "clean", "-q", "-fd"], ws)  # untracked, not ignored: DVC outputs stay
+    run(["dvc", "checkout", "--force"], ws)
+
+
+# ---------------------------------------------------------------- rules
+
+# What counts as a model: a transformers or peft model built, or any module run forward.
+# (transformers builds small activation modules when it is imported: those are no model.)
+MODEL_CLASSES = {"PreTrainedModel", "PeftModel", "BaseTunerLayer"}
+
+
+@contextlib.contextmanager
+def _no_models(nodeid: str):
+    """Building a model or running any module fails the test: the unmarked tier runs none."""
+    init, call = torch.nn.Module.__init__, torch.nn.Module.__call__
+
+    def refuse(what: str):
+        pytest.fail(f"{nodeid} {what} but is not marked slow: add @pytest.mark.slow (the "
+                    "unmarked tier, `make test-fast`, runs no model)", pytrace=False)
+
+    def guarded_init(self, *args, **kwargs):
+        if any(cls.__name__ in MODEL_CLASSES for cls in type(self).__mro__):
+            refuse(f"builds a model ({type(self).__name__})")
+        init(self, *args, **kwargs)
+
+    def guarded_call(self, *args, **kwargs):
+        refuse(f"runs a torch module ({type(self).__name__})")
+
+    torch.nn.Module.__init__, torch.nn.Module.__call__ = guarded_init, guarded_call
+    try:
+        yield
+    finally:
+        torch.nn.Module.__init__, torch.nn.Module.__call__ = init, call
+
+
+# Fixtures that run the pipeline (in subprocesses, out of reach of _no_models).
+PIPELINE_FIXTURES = {"pipeline_workspace", "small_run"}
+
+
+def _guard(item):
+    if item.get_closest_marker("slow"):
+        return contextlib.nullcontext()
+    runs = sorted(PIPELINE_FIXTURES & set(item.fixturenames))
+    if runs:
+        pytest.fail(f"{item.nodeid} uses {', '.join(runs)} (a pipeline run) but is not marked "
+                    "slow: add @pytest.mark.slow", pytrace=False)
+    return _no_models(item.nodeid)
+
+
+# (module, function) -> stage: where each stage script hands params to the library.
+_LIBRARY_CALLS = {call: stage for stage in contract.load_pipeline()
+                  for call in contract.library_calls(contract.stage_script(stage))}
+
+
+def _restricted(function, stage: str):
+    @functools.wraps(function)
+    def call(params, *args, **kwargs):
+        if dataclasses.is_dataclass(params):  # a test's stand-in (SimpleNamespace) passes as is
+            params = contract.restrict(params, stage)
+        return function(params, *args, **kwargs)
+    call.contract_stage = stage
+    return call
+
+
+def _enforce_contract() -> None:
+    """Wrap the stage library calls of every medqlora module imported so far (idempotent)."""
+    for (module, name), stage in _LIBRARY_CALLS.items():
+        loaded = sys.modules.get(module)
+        function = getattr(loaded, name, None)
+        if function is not None and not hasattr(function, "contract_stage"):
+            setattr(loaded, name, _restricted(function, stage))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    _enforce_contract()
+    with _guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    _enforce_contract()
+    with _guard(item):
+        yield

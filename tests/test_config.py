@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +171,196 @@ def test_distributed_cross_field_rules(tmp_path):
 def test_include_merged_needs_merge(tmp_path):
     problems = problems_for(tmp_path, {"merge.enabled": False, "package.include_merged": True})
     assert problems == ["package.include_merged: true needs merge.enabled: true"]
+
+
+# ---------------------------------------------------------------- hostile and degenerate files
+
+def billion_laughs(levels: int = 9) -> str:
+    """`levels` anchors, each a list of 9 aliases to the one before: 9^levels values."""
+    lines = ['x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def params_text(replace: dict[str, str] | None = None, append: str = "") -> str:
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text + append
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path):
+    # Anchors at the top (unknown keys) and the 387,420,489-value list under runner.env,
+    # which the schema would otherwise walk item by item: it hung until killed.
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs() + params_text({"  env: []": "  env: *x8"}),
+                    encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "medqlora.cli", "validate", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # a hang fails, not blocks
+    assert out.returncode == 2
+    # x3 (line 4) is the first value over the limit: 1 + 9 x (1 + 9 x (1 + 9 x 10)) = 7,381
+    assert out.stderr.splitlines() == [
+        f"{path}:4:5: expands to more than 5,000 values once its aliases are expanded (the "
+        "limit for a params file); write the values out, or use fewer aliases",
+        f"{path}: 1 problem(s)"]
+
+
+# Line numbers of the appended text: the first line after the shipped params.yaml, and the
+# line of runner.env in it.
+_SHIPPED = (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines()
+END = len(_SHIPPED) + 1
+ENV_LINE = _SHIPPED.index("  env: []") + 1
+
+
+@pytest.mark.parametrize("text, problem", [
+    (params_text(append="loop: &a [1, *a]\n"),
+     f":{END}:7: an alias that contains itself (a recursive structure)"),
+    (params_text(append="deep: " + "[" * 40 + "]" * 40 + "\n"),
+     f":{END}:39: nested deeper than 32 levels (the limit for a params file)"),
+    # the scanner's work grows with the square of the depth: refused while scanning
+    (params_text(append="deep: " + "[" * 100_000 + "\n"),
+     f":{END}:39: nested deeper than 32 levels (the limit for a params file)"),
+    (params_text(append="".join(" " * i + f"k{i}:\n" for i in range(40))),
+     f":{END + 32}:36: nested deeper than 32 levels (the limit for a params file)"),
+    (params_text(append="deep: &d " + "[" * 20 + "]" * 20 + "\nmore: " + "[" * 15 + "*d"
+                 + "]" * 15 + "\n"),
+     f":{END}:7: nested deeper than 32 levels once its aliases are expanded (the limit for a "
+     "params file)"),  # 15 + 1 + 20 levels: named at the anchor
+    (params_text({"  env: []": "  env: [" + ", ".join(["[]"] * 6000) + "]"}),
+     f":{ENV_LINE}:COL: more than 5,000 values (the limit for a params file)"),
+    (params_text({"seed: 42": "seed: " + "9" * 5000}),
+     ": invalid YAML: a value cannot be read (Exceeds the limit (4300 digits) for integer "
+     "string conversion)"),
+])
+def test_costly_documents_get_one_clear_problem(tmp_path, text, problem):
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    # COL: the column where the 5,001st value starts moves with the keys params.yaml holds
+    assert len(err.value.problems) == 1
+    assert re.fullmatch(re.escape(f"{path}{problem}").replace("COL", r"\d+"),
+                        err.value.problems[0]), err.value.problems
+
+
+def test_oversized_params_file_directory_and_device_are_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text(append="# " + "x" * 300_000 + "\n"), encoding="utf-8")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    size = path.stat().st_size
+    assert err.value.problems == [f"{path}: {size:,} bytes; a params file is limited to "
+                                  "262,144 bytes (MAX_PARAMS_BYTES)"]
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path)
+    assert err.value.problems == [f"{tmp_path}: is a directory, not a params file"]
+    with pytest.raises(ParamsError) as err:
+        load_params("/dev/zero")                     # endless: never read
+    assert err.value.problems == ["/dev/zero: is not a regular file"]
+
+
+def test_unique_items_of_unsortable_lists_is_linear(tmp_path):
+    # jsonschema's own uniqueItems compares every pair when items do not sort: 4,000 mixed
+    # items were 8 million comparisons (minutes); ours hashes them.
+    items = ", ".join(["[]", "{}"] * 2000)
+    problems = problems_for_text(tmp_path, params_text({"  env: []": f"  env: [{items}]"}))
+    assert "runner.env[0]: [] is not of type 'string'" in problems
+    assert "runner.env[1]: {} is not of type 'string'" in problems
+    assert sum(p.startswith("runner.env: [[], {}") and p.endswith("has non-unique elements")
+               for p in problems) == 1
+    assert max(map(len, problems)) <= 1000  # the 20 KB list is not quoted whole
+    assert validate_document({**yaml.safe_load(params_text()), "runner": {
+        **yaml.safe_load(params_text())["runner"], "env": ["A", "B", "A"]}}, ROOT) == [
+        "runner.env: ['A', 'B', 'A'] has non-unique elements"]
+
+
+def problems_for_text(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    return err.value.problems
+
+
+def test_nan_and_infinities_are_refused_with_their_key_paths(tmp_path):
+    problems = problems_for_text(tmp_path, params_text({
+        "lora_alpha: 32 ": "lora_alpha: .nan ",
+        "learning_rate: 0.003 ": "learning_rate: .inf ",
+        "max_grad_norm: 0.3": "max_grad_norm: 1.0e+999",  # overflows to inf
+        "max_abs_logit_diff: 0.5": "max_abs_logit_diff: -.inf",
+        "seed: 42": "seed: .nan",                          # an integer key: a type error
+        "val_fraction: 0.1": "val_fraction: .NaN",
+    }))
+    assert sorted(problems) == [
+        "data.val_fraction: nan is not a finite number (NaN and infinities are refused)",
+        "lora.lora_alpha: nan is not a finite number (NaN and infinities are refused)",
+        "merge.max_abs_logit_diff: -inf is not a finite number (NaN and infinities are refused)",
+        "seed: nan is not of type 'integer'",
+        "train.learning_rate: inf is not a finite number (NaN and infinities are refused)",
+        "train.max_grad_norm: inf is not a finite number (NaN and infinities are refused)",
+    ]
+
+
+def test_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + params_text().encode("utf-8"))
+    assert load_params(path).seed == 42
+
+
+def _project(tmp_path: Path, with_dvc: bool = True) -> Path:
+    """A project folder with data/raw/qa.jsonl and (optionally) the real dvc.yaml."""
+    project = tmp_path / "project"
+    (project / "data" / "raw").mkdir(parents=True)
+    (project / "data" / "raw" / "qa.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    if with_dvc:
+        shutil.copy2(ROOT / "dvc.yaml", project / "dvc.yaml")
+    return project
+
+
+def _source_problems(project: Path, path: str) -> list[str]:
+    doc = yaml.safe_load(params_text())
+    doc["data"]["sources"] = [{"path": path, "format": "alpaca"}]
+    return validate_document(doc, project)
+
+
+def test_data_sources_must_lie_inside_what_dvc_tracks_for_prepare(tmp_path):
+    project = _project(tmp_path)
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text('{"instruction": "a", "output": "b"}\n')
+    (project / "notes.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (project / "data" / "raw" / "link.jsonl").symlink_to(outside)
+    (project / "data" / "raw" / "inside-link.jsonl").symlink_to(project / "data/raw/qa.jsonl")
+    (project / "data" / "raw" / "folder.jsonl").mkdir()
+    remedy = ("editing it would not re-run prepare and the package lineage would name data DVC "
+              "never versioned; copy it under data/raw/ (`dvc add` it if it is large), or add "
+              "its folder to the deps of stage prepare in dvc.yaml")
+    assert _source_problems(project, "data/raw/qa.jsonl") == []
+    assert _source_problems(project, "data/raw/inside-link.jsonl") == []
+    assert _source_problems(project, "data/raw/../raw/qa.jsonl") == []
+    assert _source_problems(project, "../elsewhere.jsonl") == [
+        "data.sources[0].path: ../elsewhere.jsonl lies outside what DVC tracks for the prepare "
+        f"stage (data/raw): {remedy}"]
+    assert _source_problems(project, str(outside)) == [
+        f"data.sources[0].path: {outside} lies outside what DVC tracks for the prepare stage "
+        f"(data/raw): {remedy}"]
+    assert _source_problems(project, "notes.jsonl") == [
+        "data.sources[0].path: notes.jsonl lies outside what DVC tracks for the prepare stage "
+        f"(data/raw): {remedy}"]
+    assert _source_problems(project, "data/raw/link.jsonl") == [
+        "data.sources[0].path: data/raw/link.jsonl lies outside what DVC tracks for the prepare "
+        f"stage (data/raw) (a symlink to {outside.resolve()}): {remedy}"]
+    assert _source_problems(project, "data/raw/folder.jsonl") == [
+        "data.sources[0].path: data/raw/folder.jsonl is a directory; data.sources takes files: "
+        "list each file in it as its own source"]
+
+
+def test_without_dvc_yaml_data_sources_must_lie_inside_the_project(tmp_path):
+    project = _project(tmp_path, with_dvc=False)
+    (tmp_path / "elsewhere.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    assert _source_problems(project, "data/raw/qa.jsonl") == []
+    assert _source_problems(project, "../elsewhere.jsonl") == [
+        f"data.sources[0].path: ../elsewhere.jsonl lies outside the project folder "
+        f"{project.resolve()}: nothing versions it; copy it into the project (e.g. under "
+        "data/raw/)"]

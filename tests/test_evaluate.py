@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from adapter_fixture import adapter_meta
 from conftest import ROOT, write_params
 from medqlora import evaluation, generation, modeling
 from medqlora.config import build_params
@@ -19,11 +20,13 @@ ROWS = [
     ("a-qa", "qa", None, "What is anemia?", "A low hemoglobin level."),
     ("b-lab", "lab", "anemia", "Analyse: Hemoglobin 8.1 g/dL (ref 12-16)",
      "Hemoglobin is low.\nFinding: anemia"),
-    ("c-mcq", "mcq", "B", "Which ion sets osmolality? A) Ca B) Na C) K D) Mg", "Answer: B"),
+    ("c-mcq", "mcq", "B", "Which ion sets osmolality?\nA. Ca\nB. Na\nC. K\nD. Mg",
+     "Answer: B. Sodium."),
     ("d-lab", "lab", "hyperkalemia", "Analysez : Potassium 6.6 mmol/L (N 3.5-5.0)",
      "Potassium élevé.\nConclusion : hyperkaliémie"),
     ("e-qa", "qa", None, "Qu'est-ce que l'anaphylaxie ?", "Une réaction allergique sévère."),
-    ("f-mcq", "mcq", "A", "First-line DVT treatment? A) anticoagulation B) surgery", "Réponse : A"),
+    ("f-mcq", "mcq", "A", "Traitement de la TVP ?\nA. anticoagulation\nB. chirurgie",
+     "Réponse : A. Anticoagulation."),
     ("g-qa", "qa", None, "What does the kidney do?", "It filters blood."),
 ]
 MAX_EXAMPLES = 6
@@ -70,12 +73,8 @@ def write_adapter(out: Path, base: str, perturb: bool) -> Path:
                     param.normal_(0, 0.05)
     model.save_pretrained(str(out))
     modeling.load_tokenizer(params.model).save_pretrained(str(out))
-    meta = {"stage": "train",
-            "params": params.section("seed", "model", "quantization", "lora", "train"),
-            "inputs": {}, "precision": {"device": "cpu", "compute_dtype": "bfloat16",
-                                        "bf16": True, "fp16": False, "notes": []},
-            "base": {"id": base, "revision": None, "sha256": None}}
-    (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    adapter_meta(out, params, modeling.resolve_precision(params.quantization, "auto", "cpu"),
+                 base)
     return out
 
 
@@ -89,6 +88,7 @@ def fixture_dirs(tiny_model, tmp_path_factory):
     return {"tmp": tmp, "data": data, "zero": zero, "moved": moved, "base": str(tiny_model)}
 
 
+@pytest.mark.slow
 def test_load_test_is_first_n_by_id(fixture_dirs):
     rows = evaluation.load_test(fixture_dirs["data"], MAX_EXAMPLES)
     assert [r["id"] for r in rows] == [r[0] for r in ROWS[:MAX_EXAMPLES]]
@@ -104,6 +104,7 @@ def test_left_pad_right_aligns_rows():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+@pytest.mark.slow
 def test_answer_nll_matches_the_models_own_loss(fixture_dirs):
     """NLL over answer tokens == HF's mean loss per row; padding in a batch changes little."""
     model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
@@ -120,6 +121,7 @@ def test_answer_nll_matches_the_models_own_loss(fixture_dirs):
         assert nll_b == pytest.approx(nll, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic(fixture_dirs):
     model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
     rows = evaluation.load_test(fixture_dirs["data"])
@@ -136,6 +138,7 @@ def test_greedy_generation_is_deterministic(fixture_dirs):
                                   "seed": 42, "decoding": "greedy"}
 
 
+@pytest.mark.slow
 def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     """LoRA B = 0: the adapter computes exactly the base, so every delta is 0."""
     tmp = fixture_dirs["tmp"] / "run-zero"
@@ -143,10 +146,12 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     result = evaluation.evaluate(params, fixture_dirs["data"], fixture_dirs["zero"],
                                  tmp / "predictions", tmp / "metrics" / "evaluate.json")
     assert json.loads((tmp / "metrics" / "evaluate.json").read_text()) == result
-    assert set(result) == {"n", "n_diagnostic", "n_answer_tokens", "base", "adapter", "delta",
-                           "generation", "contamination"}
+    assert set(result) == {"n", "n_diagnostic", "n_option_scored", "n_generated",
+                           "n_answer_tokens", "base", "adapter", "delta", "generation",
+                           "contamination"}
     assert result["contamination"] is None  # the fixture has no train split to compare with
     assert result["n"] == MAX_EXAMPLES and result["n_diagnostic"] == 4
+    assert result["n_option_scored"] == 2 and result["n_generated"] == 4
     keys = {"perplexity", "bleu", "bleu_ci95", "rouge_l", "diagnostic_accuracy",
             "diagnostic_accuracy_ci95", "parse_failure_rate"}
     for name in ("base", "adapter"):
@@ -169,15 +174,25 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     assert [p["id"] for p in preds] == [r[0] for r in ROWS[:MAX_EXAMPLES]]
     for pred in preds:
         assert pred["base_output"] == pred["adapter_output"]
-        assert set(pred["adapter_scores"]) == {"bleu", "rouge_l", "parsed", "correct",
-                                               "perplexity"}
-        assert (pred["adapter_scores"]["correct"] is None) == (pred["kind"] == "qa")
+        scores = pred["adapter_scores"]
+        assert (scores["correct"] is None) == (pred["kind"] == "qa")
+        if pred["kind"] == "mcq":  # scored by option likelihood: no generated text, no BLEU
+            assert set(scores) == {"bleu", "rouge_l", "method", "option_loglik", "parsed",
+                                   "correct", "perplexity"}
+            assert scores["method"] == "option_loglik" and scores["bleu"] is None
+            assert pred["adapter_output"] == {"c-mcq": "Answer: ", "f-mcq": "Réponse : "}[
+                pred["id"]] + scores["parsed"]
+        else:
+            assert set(scores) == {"bleu", "rouge_l", "method", "parsed", "correct",
+                                   "perplexity"}
+            assert scores["method"] == "generation"
     meta = json.loads((tmp / "predictions" / "meta.json").read_text())
     assert meta["stage"] == "evaluate" and meta["n"] == MAX_EXAMPLES
     assert meta["quantization"]["load_in_4bit"] is True
     assert set(meta["inputs"]) == {"test", "adapter"}
 
 
+@pytest.mark.slow
 def test_evaluate_without_base_through_the_stage_entrypoint(fixture_dirs, monkeypatch):
     """stages/evaluate.py with compare_base false: base and delta are null, adapter moved."""
     import importlib.util
@@ -202,9 +217,47 @@ def test_evaluate_without_base_through_the_stage_entrypoint(fixture_dirs, monkey
     assert all(json.loads(p)["base_output"] is None for p in preds)
 
 
+@pytest.mark.slow
 def test_compare_perplexity_sees_the_adapter(fixture_dirs):
     zero = evaluation.compare_perplexity(fixture_dirs["data"], fixture_dirs["zero"])
     assert zero["base"] == zero["adapter"]
     moved = evaluation.compare_perplexity(fixture_dirs["data"], fixture_dirs["moved"])
     assert moved["base"] == pytest.approx(zero["base"])
     assert moved["adapter"] != pytest.approx(moved["base"], rel=1e-3)
+
+
+def test_token_batches_arithmetic():
+    # longest first; 9 alone (2 x 9 > 16), then 7 and 5 (2 x 7 = 14 <= 16)
+    assert evaluation.token_batches([5, 9, 7], max_rows=8, max_tokens=16) == [[1], [2, 0]]
+    assert evaluation.token_batches([3, 3, 3], max_rows=2, max_tokens=100) == [[0, 1], [2]]
+    assert evaluation.token_batches([40], max_rows=4, max_tokens=16) == [[0]]
+
+
+def test_options_scored_by_their_log_likelihood(fixture_dirs):
+    """Each option's score is the summed log-probability of "Answer: X" after the prompt,
+    computed here independently with one unpadded forward pass per option; the choice is the
+    argmax, as in lm-evaluation-harness's multiple_choice acc."""
+    model, tokenizer, _ = evaluation.load_models(fixture_dirs["moved"])
+    rows = [r for r in evaluation.load_test(fixture_dirs["data"]) if r["kind"] == "mcq"]
+    assert evaluation.option_continuations(rows[0]) == {
+        "A": "Answer: A", "B": "Answer: B", "C": "Answer: C", "D": "Answer: D"}
+    items = evaluation.score_options(model, tokenizer, rows, batch_size=3)
+    for row, item in zip(rows, items):
+        prompt = evaluation.prompt_ids(row)
+        for letter, text in evaluation.option_continuations(row).items():
+            cont = tokenizer(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+            logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+            expected = float(logprobs[torch.arange(len(cont)), torch.tensor(cont)].sum())
+            # bf16 compute: a padded batch runs other kernel shapes (observed 0.15%)
+            assert item["option_loglik"][letter] == pytest.approx(expected, rel=5e-3)
+        assert item["parsed"] == max(item["option_loglik"], key=item["option_loglik"].get)
+        assert item["correct"] == (item["parsed"] == row["label"])
+
+
+def test_option_letters_must_hold_the_answer(fixture_dirs):
+    row = dict(evaluation.load_test(fixture_dirs["data"])[2], label="E")
+    with pytest.raises(ValueError, match=r"mcq answer 'E' is not among the option lines "
+                                         r"\['A', 'B', 'C', 'D'\]"):
+        evaluation.option_continuations(row)

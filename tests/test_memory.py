@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.archs import ARCHS
 from medqlora import memory
 from medqlora.cli import main
 from medqlora.config import load_params
@@ -44,6 +45,7 @@ def test_tiny_weights_lora_optimizer_by_hand():
     assert fp32_absmax.rows["4-bit weights + quant constants"] == 786432 // 2 + 786432 // 64 * 4
 
 
+@pytest.mark.slow
 def test_lora_count_matches_peft(tiny_model):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -93,10 +95,45 @@ def test_preflight_names_checkpointing_knob(tmp_path, capsys):
 
 
 def test_preflight_fits_prints_table(tmp_path, capsys):
-    path = mistral_params(tmp_path, **{"train.memory_budget_gib": 16})
+    path = mistral_params(tmp_path, **{"train.memory_budget_gib": 16, "merge.enabled": False,
+                                       "package.include_merged": False})
     assert main(["preflight", str(path)]) == 0
     out = capsys.readouterr().out
     assert "4-bit weights + quant constants" in out and "fits: 15.61 GiB" in out
+    assert "evaluate: at most" in out and "merge: disabled" in out
+
+
+def test_preflight_refuses_a_merge_that_will_not_fit(tmp_path, capsys):
+    """Train fits 16 GiB, but the merge computes in a float32 base (~29 GiB for Mistral-7B)."""
+    path = mistral_params(tmp_path, **{"train.memory_budget_gib": 16})
+    assert main(["preflight", str(path)]) == memory.EXIT_WONT_FIT
+    err = capsys.readouterr().err
+    assert "fits: 15.61 GiB" in err
+    assert "merge will not fit: estimated 29.25 GiB > train.memory_budget_gib = 16 GiB" in err
+
+
+def test_every_measured_gpu_peak_within_15_percent():
+    """bench/preflight_vs_measured.py's rows: train (one GPU, DDP, FSDP), evaluate, merge."""
+    from bench import preflight_vs_measured as table
+    rows = table.estimates()
+    assert len(rows) == 21
+    for label, arch, est, measured, _ in rows:
+        assert abs(est.peak / memory.GIB - measured) <= 0.15 * measured, (label, arch)
+
+
+def test_fsdp_shards_weights_and_optimizer_but_not_activations():
+    arch = memory.Arch.from_config(dict(ARCHS["llama-2-13b"]))
+    ddp = memory.estimate(arch, memory.Setup(batch=4, seq=2048, world=2))
+    fsdp = memory.estimate(arch, memory.Setup(batch=4, seq=2048, world=2, strategy="fsdp"))
+    single = memory.estimate(arch, memory.Setup(batch=4, seq=2048))
+    # DDP adds one fp32 copy of the LoRA gradients (its buckets): 250M params x 4 bytes
+    assert ddp.rows["DDP gradient buckets"] == memory.lora_params(arch, 64, memory.PROJECTIONS) * 4
+    assert ddp.peak - single.peak == ddp.rows["DDP gradient buckets"]
+    key = "4-bit weights + quant constants"
+    assert fsdp.rows[key] == -(-single.rows[key] // 2)
+    # no peft fp32 upcast under FSDP: bf16 frozen tensors and residual stream
+    assert fsdp.rows["embeddings, lm_head, norms"] * 2 == single.rows["embeddings, lm_head, norms"]
+    assert 12.40 * 0.85 <= fsdp.peak / memory.GIB <= 12.40 * 1.15  # measured on 2 x H100
 
 
 def test_hub_id_not_cached_warns_and_exits_0(tmp_path, capsys):

@@ -1,6 +1,10 @@
 """Atomic outputs: all or nothing, and what an interrupted write left is cleared next time."""
 from __future__ import annotations
 
+import json
+import logging
+import math
+
 import pytest
 
 from medqlora.outputs import atomic_dir, atomic_file, read_json, sha256_tree, write_json
@@ -42,3 +46,52 @@ def test_atomic_file_and_tree_hash(tmp_path):
     # sha256 of a single file is the plain sha256 of its bytes
     assert sha256_tree(tmp_path / "f.bin") == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def _strict(text: str):
+    """Parse as strict JSON: NaN / Infinity / -Infinity are errors (as jq and JavaScript say)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_never_writes_nan_or_infinity(tmp_path, caplog):
+    path = tmp_path / "metrics.json"
+    with caplog.at_level(logging.WARNING, logger="medqlora.outputs"):
+        write_json(path, {"eval_loss": math.inf, "eval_loss_start": math.nan, "steps": 4,
+                          "adapter": {"perplexity": -math.inf, "bleu": 1.5},
+                          "curve": [1.0, math.nan]})
+    assert _strict(path.read_text()) == {
+        "eval_loss": None, "eval_loss_start": None, "steps": 4,
+        "adapter": {"perplexity": None, "bleu": 1.5}, "curve": [1.0, None],
+        "non_finite": {"eval_loss": "inf", "eval_loss_start": "nan",
+                       "adapter.perplexity": "-inf", "curve[1]": "nan"}}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: non-finite values written as null: eval_loss (inf), eval_loss_start (nan), "
+        "adapter.perplexity (-inf), curve[1] (nan)"]
+    write_json(path, {"eval_loss": 2.5, "curve": (1, 2)})   # finite: as before, no extra key
+    assert _strict(path.read_text()) == {"eval_loss": 2.5, "curve": [1, 2]}
+
+
+def test_meta_json_is_the_same_bytes_at_any_commit(tmp_path, monkeypatch):
+    # meta.json is inside DVC-hashed outputs: a commit or a timing in it would change every
+    # downstream hash on each re-run. Written from two git repos at different commits, it is
+    # byte-identical.
+    import subprocess
+    from medqlora.provenance import write_meta
+    (tmp_path / "input.txt").write_text("rows")
+    metas = []
+    for name in ("one", "two"):
+        repo = tmp_path / name
+        repo.mkdir()
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        (repo / "f").write_text(name)
+        subprocess.run(["git", "add", "f"], cwd=repo, check=True)
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm",
+                        name], cwd=repo, check=True)
+        monkeypatch.chdir(repo)
+        meta = write_meta(repo / "out", stage="prepare", params={"seed": 1},
+                          inputs={"rows": tmp_path / "input.txt"})
+        metas.append((repo / "out" / "meta.json").read_bytes())
+    assert metas[0] == metas[1]
+    assert set(meta) == {"stage", "params", "inputs", "libraries", "runner"}

@@ -99,8 +99,44 @@ def test_package_contents(built):
     lineage = manifest["lineage"]
     assert lineage["base"]["id"] == str(ROOT / BASE_REL) and lineage["merged"]["into"] == \
         "dequantized"
+    assert lineage["merged"]["included"] is True and lineage["merged"]["dtype"] == "float32"
+    # merged weights are hard links to models/merged, not a second copy
+    inputs, _, _ = built
+    assert (pkg / "merged" / "model.safetensors").stat().st_ino == \
+        (inputs["merged"] / "model.safetensors").stat().st_ino
     assert lineage["libraries"]["peft"] and lineage["quantization"]["bnb_4bit_quant_type"] == "nf4"
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"].values())
+
+
+@pytest.mark.slow
+def test_failed_merge_still_ships_the_adapter_and_says_why(built, tmp_path):
+    """A merge whose parity gate failed (here: merge.into original, min top-1 0.999) leaves a
+    merged folder without weights; the package holds the adapter and states, in its manifest,
+    meta.json and model card, that merged weights are absent and why."""
+    inputs, _, _ = built
+    data = write_test_split(tmp_path / "prepared", ["### Instruction:\nWhat is anaemia?\n\n"
+                                                    "### Response:\n"])
+    failing = adapter_params(str(ROOT / BASE_REL), **{"merge.into": "original",
+                                                      "merge.min_top1_agreement": 0.999})
+    metrics = tmp_path / "metrics"
+    shutil.copytree(inputs["metrics"], metrics)
+    assert merging.run_merge(failing, data, inputs["adapter"], tmp_path / "merged",
+                             metrics / "merge.json") == 0
+    assert json.loads((metrics / "merge.json").read_text())["passed"] is False
+    manifest = _build({**inputs, "merged": tmp_path / "merged", "metrics": metrics},
+                      tmp_path / "package")
+    pkg = tmp_path / "package"
+    assert not (pkg / "merged").exists()
+    assert set(manifest["files"]) | {"manifest.json"} == {
+        f for f in EXPECTED if not f.startswith("merged/")}
+    merged = manifest["lineage"]["merged"]
+    assert merged["included"] is False and merged["reason"].startswith("merge parity failed: ")
+    meta = json.loads((pkg / "meta.json").read_text())
+    assert meta["merged_weights"] == {"included": False, "reason": merged["reason"]}
+    card = (pkg / "README.md").read_text()
+    assert f"No merged weights are included ({merged['reason']})" in card
+    assert "**FAILED**" in card and "were therefore **not** shipped" in card
+    assert packaging.verify(pkg) == []
 
 
 @pytest.mark.slow
@@ -109,6 +145,29 @@ def test_rebuild_gives_identical_manifest(built, tmp_path):
     again = _build(inputs, tmp_path / "package")
     assert again == manifest
     assert (tmp_path / "package/manifest.json").read_bytes() == (pkg / "manifest.json").read_bytes()
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rebuild_with_other_timings_is_byte_identical(built, tmp_path):
+    # A second train run of the same inputs measures other speeds and memory, and may have
+    # resumed: metrics/train.json differs only there. The package must not (no commit, no
+    # timing in any file), so a tag names exactly one package.
+    inputs, _, pkg = built
+    metrics = tmp_path / "metrics"
+    shutil.copytree(inputs["metrics"], metrics)
+    train = json.loads((metrics / "train.json").read_text())
+    (metrics / "train.json").write_text(json.dumps({
+        **train, "tokens_per_second": 4379.9, "step_seconds_median": 0.34,
+        "peak_memory_gib": 2.17, "peak_memory_gib_per_process": [2.17], "resumed_from_step": 2}))
+    _build({**inputs, "metrics": metrics}, tmp_path / "package")
+    again = tree_bytes(tmp_path / "package")
+    assert set(again) == set(tree_bytes(pkg)) == EXPECTED
+    assert [name for name, data in tree_bytes(pkg).items() if again[name] != data] == []
 
 
 @pytest.mark.slow

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import ROOT, TINY_MODEL, write_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medqlora.config import build_params
+from medqlora.dataset import SPLITS, check_splits
+from medqlora.records import DataError
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import make_tokenizer  # noqa: E402
@@ -102,6 +109,9 @@ EXPECTED_REJECTS = {"invalid_json": 1, "not_utf8": 1, "missing_field": 1, "empty
 
 
 def bad_workspace(tmp_path, tokenizer_dir, **data):
+    # The 4 records kept (a1, a9, a10, m1) have buckets .421, .953, .394, .913: test below 0.4
+    # and val below 0.5 give each split one at least (a10 test, a1 val, a9 + m1 train).
+    data = {"test_fraction": 0.4, "val_fraction": 0.1, **data}
     return workspace(tmp_path, {"bad.jsonl": b"\n".join(BAD) + b"\n",
                                 "mcq.jsonl": "\n".join(MCQ) + "\n"}, SOURCES, tokenizer_dir, **data)
 
@@ -162,6 +172,147 @@ def test_overlength_drop_is_counted(tmp_path, tokenizer_dir, monkeypatch):
     metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
     assert (metrics["truncated"], metrics["dropped_overlength"]) == (0, 1)
     assert sum(metrics["splits"].values()) == 3
+
+
+# ------------------------------------------------------------------ empty sources and splits
+
+def earlier_outputs(ws: Path) -> dict[Path, bytes]:
+    """A previous run's outputs, which a failed prepare must leave byte for byte."""
+    files = {ws / "data/prepared/train.parquet": b"earlier train split",
+             ws / "data/prepared/meta.json": b'{"stage": "prepare"}\n',
+             ws / "metrics/prepare.json": b'{"records_in": 12}\n'}
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return files
+
+
+def assert_untouched(ws: Path, files: dict[Path, bytes]) -> None:
+    assert {p: p.read_bytes() for p in files} == files
+    assert sorted(p.name for p in (ws / "data/prepared").iterdir()) == ["meta.json",
+                                                                       "train.parquet"]
+    assert sorted(p.name for p in (ws / "data").iterdir()) == ["prepared", "raw"]  # no temp
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n\t\n", b"\xef\xbb\xbf\n"],
+                         ids=["empty", "blank-lines", "bom-only"])
+def test_a_source_without_records_fails_naming_it(tmp_path, tokenizer_dir, monkeypatch, capfd,
+                                                  content):
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n", "empty.jsonl": content},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"},
+                    {"path": "data/raw/empty.jsonl", "format": "alpaca"}], tokenizer_dir)
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert capfd.readouterr().err.splitlines()[-3:] == [
+        "data/raw/empty.jsonl: holds no records (the file is empty or has blank lines only); "
+        "fill it or remove it from data.sources",
+        "fix the files named above",
+        "prepare: nothing was written (data/prepared and metrics/prepare.json left as they were)"]
+    assert_untouched(ws, files)
+
+
+def test_a_source_whose_records_are_all_skipped_fails_naming_it(tmp_path, tokenizer_dir,
+                                                                monkeypatch, capfd):
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n",
+                              "bad.jsonl": b'{"instruction": "x"}\n{"output": "y"}\n'},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"},
+                    {"path": "data/raw/bad.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   on_invalid="skip")
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert ("data/raw/bad.jsonl: all 2 records are invalid; set data.on_invalid: error to list "
+            "them with their reasons") in capfd.readouterr().err.splitlines()
+    assert_untouched(ws, files)
+
+
+def test_an_empty_split_fails_naming_the_fraction(tmp_path, tokenizer_dir, monkeypatch, capfd):
+    # 12 records, buckets in EXPECTED_SPLIT's comment: val (between test 0.25 and 0.25 + 0.01)
+    # gets none; test gets 7, train 4.
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   val_fraction=0.01)
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert capfd.readouterr().err.splitlines()[-2:] == [
+        "data/prepared/val.parquet: the val split would be empty: none of the 12 unique records "
+        "fell in it (data.val_fraction: 0.01, about 0.1 expected); raise data.val_fraction or "
+        "add records",
+        "prepare: nothing was written (data/prepared and metrics/prepare.json left as they were)"]
+    assert_untouched(ws, files)
+
+
+def test_a_split_emptied_by_overlength_drops_names_max_seq_length(tmp_path, tokenizer_dir,
+                                                                  monkeypatch, capfd):
+    # qa-1 is the only val record (bucket .283); a 600-word answer makes it overlong
+    lines = qa_lines(12)
+    lines[1] = QA.format(id="qa-1", q="Question number 1 about the kidney?", a=LONG)
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(lines) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   overlength="drop")
+    files = earlier_outputs(ws)
+    assert prepare(ws, monkeypatch) == 1
+    assert ("data/prepared/val.parquet: the val split would be empty: every record in it (1) "
+            "is longer than data.max_seq_length (128) and was dropped; raise "
+            "data.max_seq_length or set data.overlength: truncate"
+            ) in capfd.readouterr().err.splitlines()
+    assert_untouched(ws, files)
+
+
+BOMB = "".join(f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}" if i else '"lol"'] * 9) + "]\n"
+               for i in range(9))  # 9^9 values once expanded
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda text, ws: BOMB + text.replace("runner:\n", "runner:\n  env: *x8\n", 1),
+     "params.yaml:4:5: expands to more than 5,000 values once its aliases are expanded (the "
+     "limit for a params file); write the values out, or use fewer aliases"),
+    (lambda text, ws: text.replace("val_fraction: 0.25", "val_fraction: .nan", 1),
+     "data.val_fraction: nan is not a finite number (NaN and infinities are refused)"),
+    (lambda text, ws: text.replace("data/raw/qa.jsonl", "../outside.jsonl"),
+     "data.sources[0].path: ../outside.jsonl lies outside the project folder {ws}: nothing "
+     "versions it; copy it into the project (e.g. under data/raw/)"),
+    (lambda text, ws: text.replace("data/raw/qa.jsonl", "data/raw/link.jsonl"),
+     "data.sources[0].path: data/raw/link.jsonl lies outside the project folder {ws} (a symlink "
+     "to {outside}): nothing versions it; copy it into the project (e.g. under data/raw/)"),
+], ids=["alias-bomb", "nan", "dot-dot", "symlink-out"])
+def test_hostile_params_stop_prepare_before_anything_is_written(tmp_path, tokenizer_dir,
+                                                                monkeypatch, capfd, change,
+                                                                problem):
+    ws = workspace(tmp_path / "ws", {"qa.jsonl": "\n".join(qa_lines(12)) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir)
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("\n".join(qa_lines(12)) + "\n")
+    (ws / "data/raw/link.jsonl").symlink_to(outside)
+    params = ws / "params.yaml"
+    params.write_text(change(params.read_text(), ws), encoding="utf-8")
+    files = earlier_outputs(ws)
+    with pytest.raises(SystemExit) as exit_:
+        prepare(ws, monkeypatch)
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err.splitlines()
+    assert err == [problem.format(ws=ws.resolve(), outside=outside.resolve()),
+                   "prepare: params.yaml is invalid (1 problem(s)); nothing was run"]
+    assert_untouched(ws, files)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.tuples(*[st.integers(0, 3)] * 3), kept=st.tuples(*[st.booleans()] * 3))
+def test_check_splits_fails_exactly_when_a_split_has_no_row(sizes, kept):
+    data = build_params(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))).data
+    splits = {name: ["example"] * n for name, n in zip(SPLITS, sizes)}
+    rows = {name: splits[name] if keep else [] for name, keep in zip(SPLITS, kept)}
+    empty = [name for name in SPLITS if not rows[name]]
+    if not empty:
+        check_splits(splits, rows, data, Path("data/prepared"))
+        return
+    with pytest.raises(DataError) as err:
+        check_splits(splits, rows, data, Path("data/prepared"))
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        f"data/prepared/{name}.parquet" for name in empty]
+    for name, problem in zip(empty, err.value.problems):
+        setting = ("data.max_seq_length" if splits[name] else
+                   "data.val_fraction" if name in ("train", "val") else "data.test_fraction")
+        assert setting in problem, problem
 
 
 # ------------------------------------------------------------------ split
@@ -238,11 +389,16 @@ def test_csv_parquet_chat_sharegpt_and_field_mapping(tmp_path, tokenizer_dir, mo
         {"path": "data/raw/chat.jsonl", "format": "chat"},
         {"path": "data/raw/mcq.json", "format": "mcq", "fields": {"question": "q", "options": "choices"}},
         {"path": "data/raw/p.parquet", "format": "alpaca", "fields": {"output": "answer"}},
-    ], tokenizer_dir, on_invalid="skip", val_fraction=0.0, test_fraction=0.0)
+    ], tokenizer_dir, on_invalid="skip", val_fraction=0.15, test_fraction=0.3)
     pq.write_table(pa.table({"instruction": ["Define shock."], "answer": ["Circulatory failure."]}),
                    ws / "data" / "raw" / "p.parquet")
     assert prepare(ws, monkeypatch) == 0
-    train = {r["record_id"] or r["source"]: r for r in rows(ws, "train")}
+    # buckets: parquet row .238 and chat-1 .246 -> test; csv-1 .421 -> val; the rest train
+    splits = {r["record_id"] or r["source"]: name for name, split in all_rows(ws).items()
+              for r in split}
+    assert splits == {"data/raw/p.parquet:row 1": "test", "chat-1": "test", "csv-1": "val",
+                      "csv-2": "train", "chat-2": "train", "mcq-1": "train", "mcq-2": "train"}
+    train = {r["record_id"] or r["source"]: r for split in all_rows(ws).values() for r in split}
     rejects = [json.loads(x) for x in (ws / "data/prepared/rejects.jsonl").read_text().splitlines()]
     assert [(r["source"], r["reason"]) for r in rejects] == [
         ("data/raw/qa.csv:5", "missing_field"), ("data/raw/chat.jsonl:3", "invalid_messages"),
@@ -284,13 +440,14 @@ def test_phi_error_names_file_line_and_kinds_never_the_value(tmp_path, tokenizer
 
 
 def test_phi_redact_replaces_and_counts(tmp_path, tokenizer_dir, monkeypatch):
-    ws = workspace(tmp_path, {"phi.jsonl": "\n".join(PHI_LINES) + "\n"},
+    lines = PHI_LINES + qa_lines(11, start=1)  # qa-0..11 fill every split (EXPECTED_SPLIT)
+    ws = workspace(tmp_path, {"phi.jsonl": "\n".join(lines) + "\n"},
                    [{"path": "data/raw/phi.jsonl", "format": "alpaca"}], tokenizer_dir,
-                   phi="redact", val_fraction=0.0, test_fraction=0.0)
+                   phi="redact")
     assert prepare(ws, monkeypatch) == 0
     metrics = json.loads((ws / "metrics" / "prepare.json").read_text())
     assert metrics["phi"] == {"email": 1, "phone": 1, "nir": 0, "ssn": 0, "dob": 0, "mrn": 0, "name": 0}
-    redacted = [r for r in rows(ws, "train") if r["record_id"] == "p"][0]
+    redacted = [r for split in all_rows(ws).values() for r in split if r["record_id"] == "p"][0]
     assert redacted["reference"] == "Write to [EMAIL] or call [PHONE]."
 
 

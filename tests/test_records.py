@@ -92,6 +92,42 @@ def test_unreadable_json_file_is_an_error_not_a_silent_drop(tmp_path):
     assert err.value.problems[0].startswith("x.json:2: broken JSON")
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet exports write it
+
+
+@pytest.mark.parametrize("name, content, fields", [
+    ("x.jsonl", b'{"id": "r1", "instruction": "Define shock.", "output": "Circulatory failure."}\n'
+                b'{"id": "r2", "instruction": "Define fever.", "output": "A raised temperature."}\n',
+     {}),
+    ("x.json", b'[{"id": "r1", "instruction": "Define shock.", "output": "Circulatory failure."},\n'
+               b' {"id": "r2", "instruction": "Define fever.", "output": "A raised temperature."}]\n',
+     {}),
+    ("x.csv", b'id,question,answer\nr1,Define shock.,Circulatory failure.\n'
+              b'r2,Define fever.,A raised temperature.\n',
+     {"instruction": "question", "output": "answer"}),
+])
+def test_utf8_byte_order_mark_is_read_as_utf8(tmp_path, name, content, fields):
+    (tmp_path / name).write_bytes(BOM + content)
+    out = records(name, "alpaca", fields, root=tmp_path)
+    assert all(isinstance(r, Example) for r in out), [str(r) for r in out]
+    assert [(r.record_id, r.messages[0]["content"], r.reference) for r in out] == [
+        ("r1", "Define shock.", "Circulatory failure."),
+        ("r2", "Define fever.", "A raised temperature.")]
+    first_line = 2 if name.endswith(".csv") else 1  # the mark shifts no line number
+    assert [r.source for r in out] == [f"{name}:{first_line}", f"{name}:{first_line + 1}"]
+
+
+def test_a_directory_source_says_it_is_a_directory(tmp_path):
+    (tmp_path / "exports.jsonl").mkdir()
+    with pytest.raises(DataError) as err:
+        records("exports.jsonl", "alpaca", root=tmp_path)
+    assert err.value.problems == ["exports.jsonl: is a directory; data.sources takes files: "
+                                  "list each file in it as its own source"]
+    with pytest.raises(DataError) as err:
+        records("missing.jsonl", "alpaca", root=tmp_path)
+    assert err.value.problems == ["missing.jsonl: file not found (data.sources path)"]
+
+
 @pytest.mark.parametrize("text,kinds", [
     ("Contact: jean.dupont@chu-lyon.fr", ["email"]),
     ("Tél. 06 12 34 56 78 ou +33 6 12 34 56 78", ["phone", "phone"]),

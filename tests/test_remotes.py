@@ -6,7 +6,9 @@ what dvc.lock names at v1.0.0 to
 
 1. a local-directory remote, and
 2. an SSH remote served by a real OpenSSH sshd on 127.0.0.1 (public-key auth only: an
-   unauthorized key is refused);
+   unauthorized key is refused; and the client checks the server: a host key that
+   ~/.ssh/known_hosts does not list, or lists differently, stops `dvc pull` before any
+   transfer, see medqlora/ssh_known_hosts.py);
 
 fresh `git clone` + `git checkout v1.0.0` + `dvc pull` from each must restore every pipeline
 output with the package bit for bit (manifest bytes equal to the baseline's). Then
@@ -162,7 +164,8 @@ def sshd(tmp_path_factory):
     """A real OpenSSH sshd on 127.0.0.1:<free port>, stopped at the end of the module.
 
     Yields (URL prefix `ssh://<user>@127.0.0.1:<port>`, folder of the keys): `client_ed25519`
-    is authorized, `stranger_ed25519` is not.
+    is authorized, `stranger_ed25519` is not; `host_ed25519` is the server's host key, and
+    `home/` a HOME whose ~/.ssh/known_hosts lists it (what `ssh-keyscan` would add).
     """
     if not SSHD.is_file():
         message = f"{SSHD} missing: apt-get install openssh-server openssh-client"
@@ -181,6 +184,7 @@ def sshd(tmp_path_factory):
     except PermissionError:
         pytest.fail("/run/sshd is missing and only root can make it: `sudo mkdir -p /run/sshd`")
     port = free_port()
+    trusted_home(folder / "home", port, folder / "host_ed25519.pub")
     log = folder / "sshd.log"
     with open(log, "wb") as log_file:
         # -D: stay in the foreground (our child, stopped below); -e: log to stderr (the log file).
@@ -198,6 +202,19 @@ def sshd(tmp_path_factory):
             proc.wait()
 
 
+def trusted_home(home: Path, port: int, host_key: Path | None) -> Path:
+    """A HOME whose ~/.ssh/known_hosts lists `host_key` for 127.0.0.1:`port` (empty: None)."""
+    (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    line = f"[127.0.0.1]:{port} {' '.join(host_key.read_text().split()[:2])}\n" if host_key else ""
+    (home / ".ssh" / "known_hosts").write_text(line, encoding="utf-8")
+    return home
+
+
+def ssh_env(keys: Path) -> dict[str, str]:
+    """The environment of a dvc that trusts the test server's host key."""
+    return {"HOME": str(keys / "home")}
+
+
 def set_ssh_remote(repo: Path, url: str, key: Path, default: bool = False) -> None:
     """Add (or re-key) the `ssh` remote in the repo's .dvc/config.local, where credentials go."""
     if "ssh" not in run(["dvc", "remote", "list"], repo).stdout.split():
@@ -211,7 +228,7 @@ def ssh_remote(publisher, sshd, tmp_path_factory) -> str:
     prefix, keys = sshd
     folder = tmp_path_factory.mktemp("remotes") / "sshremote"
     set_ssh_remote(publisher, f"{prefix}{folder}", keys / "client_ed25519")
-    out = run(["dvc", "push", "-r", "ssh"], publisher, timeout=300)
+    out = run(["dvc", "push", "-r", "ssh"], publisher, timeout=300, env=ssh_env(keys))
     assert pushed_count(out.stdout) == len(cached_objects(folder)) > 0, out.stdout
     return f"{prefix}{folder}"
 
@@ -222,14 +239,34 @@ def test_ssh_remote_pull_reproduces_package(workspace, sshd, ssh_remote, baselin
     clone = clone_at_tag(workspace, tmp_path_factory.mktemp("ssh-clone") / "repo")
     # The server authenticates: a key it does not list in authorized_keys gets nothing.
     set_ssh_remote(clone, ssh_remote, keys / "stranger_ed25519", default=True)
-    refused = run(["dvc", "pull"], clone, check=False, timeout=120)
+    refused = run(["dvc", "pull"], clone, check=False, timeout=120, env=ssh_env(keys))
     assert refused.returncode != 0
     assert "Permission denied" in refused.stdout + refused.stderr, refused.stderr[-2000:]
     assert not (clone / "artifacts/package").exists()
 
     set_ssh_remote(clone, ssh_remote, keys / "client_ed25519")
-    run(["dvc", "pull"], clone, timeout=300)
+    run(["dvc", "pull"], clone, timeout=300, env=ssh_env(keys))
     assert_reproduced(clone, baseline)
+
+
+def test_ssh_remote_refuses_an_unknown_or_changed_host_key(workspace, sshd, ssh_remote,
+                                                            tmp_path_factory):
+    # The client authenticates the server too, before sending a key or taking any data: with
+    # the server's key missing from known_hosts, or listed as another key (a server that
+    # changed, or one impersonating it), `dvc pull` stops.
+    _, keys = sshd
+    port = int(ssh_remote.split(":")[2].split("/")[0])
+    clone = clone_at_tag(workspace, tmp_path_factory.mktemp("untrusted-clone") / "repo")
+    set_ssh_remote(clone, ssh_remote, keys / "client_ed25519", default=True)
+    homes = tmp_path_factory.mktemp("homes")
+    for name, key in (("unknown", None), ("changed", keys / "stranger_ed25519.pub")):
+        home = trusted_home(homes / name, port, key)
+        refused = run(["dvc", "pull"], clone, check=False, timeout=120, env={"HOME": str(home)})
+        output = refused.stdout + refused.stderr
+        assert refused.returncode != 0, (name, output[-2000:])
+        assert "Host key is not trusted" in output, (name, output[-2000:])
+        assert not (clone / "artifacts/package").exists() and not cached_objects(
+            clone / ".dvc" / "cache"), name
 
 
 # ------------------------------------------------------------------------------ dvc get

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -87,3 +89,17 @@ def test_record_text_never_reaches_the_logs(small_run):
     # nor any other record's answer (first 40 characters of each, long enough to be unique)
     echoed = [t for t in prepared["reference"] if len(t) >= 40 and t[:40] in small_run.log]
     assert echoed == []
+
+
+def test_dvc_ssh_remotes_check_known_hosts():
+    # dvc-ssh turns host key checking off (asyncssh known_hosts=None); the .pth `make setup`
+    # installs in the venv turns it back on in every dvc process (medqlora/ssh_known_hosts.py).
+    # A fresh interpreter of the venv, as `dvc` is: what it would hand asyncssh.
+    code = ("import dvc_ssh; fs = dvc_ssh.SSHFileSystem(host='h', user='u', keyfile='/k'); "
+            "print(repr(fs.fs_args.get('known_hosts', 'unset')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "()", (
+        "dvc's SSH remotes would not check host keys: run `make setup` (it installs "
+        "medqlora-ssh-known-hosts.pth into the venv)")

@@ -1,0 +1,120 @@
+"""GGUF exports against transformers: greedy token agreement in llama.cpp, by tensor type.
+
+    make llama-cpp
+    python bench/bench_gguf.py artifacts/package --types f32 bf16 q8_0 --max-new 32
+
+For each --types T: `medqlora export --targets gguf --gguf-type T`, then greedy decoding of the
+test questions (templated as training) in llama.cpp (llama-cpp-python) for the merged GGUF and
+for base + LoRA GGUF, against two transformers references: the same merged weights in float32
+(what the GGUF holds), and the served model (4-bit base + adapter in the compute dtype, what
+`medqlora serve` and `medqlora generate` run). Columns: prompts whose whole greedy answer is
+equal; matched prefix = tokens equal before the first difference / reference tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUESTIONS = ["What is anaemia?", "First-line treatment of hypertension?",
+             "What does a high TSH mean?", "Define tachycardia.",
+             "Which drug class is metformin?", "Quelle est la cause de l'anémie ?",
+             "What is the normal range of potassium?", "Explain hypoglycaemia in one sentence.",
+             "What is the first-line treatment of essential hypertension in adults?",
+             "List the common adverse effects of metformin.",
+             "How is iron deficiency anaemia diagnosed?", "What are the warning signs of sepsis?"]
+
+
+def greedy_hf(model, ids, eos, max_new):
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos)[0, len(ids):].tolist()
+    return out[:out.index(eos)] if eos in out else out
+
+
+def greedy_cpp(model, ids, eos, max_new):
+    model.reset()
+    out = []
+    for token in model.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if token == eos or len(out) == max_new:
+            break
+        out.append(token)
+    return out
+
+
+def agreement(pairs):
+    equal = sum(a == b for a, b in pairs)
+    prefix = 0
+    for ref, got in pairs:
+        n = 0
+        while n < min(len(ref), len(got)) and ref[n] == got[n]:
+            n += 1
+        prefix += n
+    total = sum(len(ref) for ref, _ in pairs)
+    return f"{equal}/{len(pairs)}", f"{prefix}/{total} ({100 * prefix / max(total, 1):.1f}%)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("package")
+    parser.add_argument("--types", nargs="+", default=["f32", "bf16", "q8_0"])
+    parser.add_argument("--max-new", type=int, default=32)
+    args = parser.parse_args()
+    import torch
+    from llama_cpp import Llama
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from medqlora import export, packaging
+    from medqlora.templates import format_prompt
+    package = Path(args.package)
+    served, tokenizer = packaging.load_for_generation(package)
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer(format_prompt(tokenizer, q))["input_ids"] for q in QUESTIONS]
+    work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
+    base = export.stage_base(package, work / "hf-base", "")
+    refs = {
+        "merged f32": AutoModelForCausalLM.from_pretrained(str(package / "merged"),
+                                                           dtype=torch.float32),
+        "base+adapter f32": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+            str(base), dtype=torch.float32), str(package)).eval(),
+        "served (4-bit + adapter)": served,
+    }
+    answers = {name: [greedy_hf(m, p, eos, args.max_new) for p in prompts]
+               for name, m in refs.items()}
+    rows = []
+    for gguf_type in args.types:
+        out = work / f"export-{gguf_type}"
+        subprocess.run([sys.executable, "-m", "medqlora.cli", "export", str(package), "--out",
+                        str(out), "--targets", "gguf", "--gguf-type", gguf_type], check=True,
+                       capture_output=True)
+        name = export.package_info(package, tokenizer)["name"]
+        gguf = out / "gguf"
+        for label, kwargs, own in (
+                ("merged", {"model_path": str(gguf / f"{name}-{gguf_type}.gguf")}, "merged f32"),
+                ("base + LoRA", {"model_path": str(gguf / f"{name}-base-{gguf_type}.gguf"),
+                                 "lora_path": str(gguf / f"{name}-lora-{gguf_type}.gguf")},
+                 "base+adapter f32")):
+            cpp = Llama(n_ctx=1024, n_threads=2, seed=0, verbose=False, **kwargs)
+            greedy_cpp(cpp, prompts[0], eos, 4)     # warm-up (weight repacking, caches)
+            start = time.perf_counter()
+            got = [greedy_cpp(cpp, p, eos, args.max_new) for p in prompts]
+            speed = sum(map(len, got)) / (time.perf_counter() - start)
+            for ref in (own, "served (4-bit + adapter)"):
+                rows.append((gguf_type, label, ref, *agreement(list(zip(answers[ref], got))),
+                             f"{speed:.0f}"))
+    print(f"\n{len(prompts)} prompts, greedy, at most {args.max_new} new tokens; llama.cpp "
+          f"{export._llama_cpp_version(export.llama_cpp_source())['commit']}")
+    print("| GGUF type | llama.cpp model | transformers reference | equal answers | "
+          "matched prefix | llama.cpp tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
