@@ -140,14 +140,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    """Estimate the train run's peak GPU memory; refuse (exit 3) when it will not fit."""
-    from medqlora.memory import EXIT_WONT_FIT, preflight
+    """Estimate train's, evaluate's and merge's peak GPU memory; exit 3 when one won't fit."""
+    from medqlora.preflight import EXIT_WONT_FIT, LaterStages, preflight
     try:
         params = load_params(args.path)
     except ParamsError as err:
         print("\n".join(err.problems), file=sys.stderr)
         return EXIT_INVALID
-    verdict = preflight(params)
+    ev, merge = params.evaluate, params.merge
+    verdict = preflight(params, LaterStages(ev.batch_size, ev.max_examples, ev.max_new_tokens,
+                                            merge.enabled, merge.dtype))
     print("\n".join(verdict.lines), file=sys.stdout if verdict.ok else sys.stderr)
     return 0 if verdict.ok else EXIT_WONT_FIT
 

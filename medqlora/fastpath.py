@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from medqlora.config import FastPathParams
+from medqlora.memory import layers_within_budget
 
 log = logging.getLogger(__name__)
 MIN_PADDING_SAVING = 0.10  # flatten a micro-batch only when it removes >= 10% of its tokens
-GIB = 2**30
 
 
 # ---------------------------------------------------------------- what runs here
@@ -198,36 +198,6 @@ def decoder_layers(model) -> list:
     """The layers transformers checkpoints (GradientCheckpointingLayer instances)."""
     return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
             and type(m).__name__.endswith("DecoderLayer")]
-
-
-def layer_activation_bytes(tokens: int, hidden: int, intermediate: int) -> int:
-    """Activations one un-checkpointed decoder layer keeps for backward, bf16, fast path.
-
-    Calibrated on an H100 (bench/README.md, 8192 tokens, every switch on): Mistral-7B, 4
-    un-checkpointed layers: +4.84 GiB over "all" (1.21 GiB a layer); Llama-3-8B, 12 layers:
-    +17.3 GiB (1.44 GiB a layer). Modelled as tokens x (9 x hidden + 4.5 x intermediate) x 2
-    bytes = 1.55 GiB, above both, so a budget is not overshot. (The measured table used
-    8h + 3.5i = 1.27 GiB, which overshot Llama-3's budget by 2.5 GiB.)
-    """
-    return tokens * 2 * (9 * hidden + int(4.5 * intermediate))
-
-
-def layers_within_budget(budget_gib: float | None, layers: int, tokens: int, hidden: int,
-                         intermediate: int, allocated: int, trainable: int) -> int:
-    """How many layers can skip recompute and stay under `budget_gib` (0 when it is null).
-
-    peak ~ allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
-         + layers x tokens x hidden x 2 (bf16 checkpoints) + one layer's recompute + 1 GiB
-           of working space (loss chunks, allocator slack)
-         + k x (one layer's activations - its checkpoint).
-    """
-    if budget_gib is None:
-        return 0
-    per_layer = layer_activation_bytes(tokens, hidden, intermediate)
-    checkpoint = tokens * hidden * 2
-    base = allocated + 3 * 4 * trainable + layers * checkpoint + per_layer + GIB
-    spare = budget_gib * GIB - base
-    return max(0, min(layers, int(spare // (per_layer - checkpoint))))
 
 
 def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int) -> int:

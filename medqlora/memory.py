@@ -1,7 +1,12 @@
-"""Preflight: the peak GPU memory of the configured train run, estimated before anything loads.
+"""The memory model: peak GPU memory of train, evaluate and merge, from a model's shapes.
 
-    medqlora preflight params.yaml       # table of components -> GiB, exit 3 when it won't fit
+    est = estimate(Arch.from_config(config), Setup(batch=4, seq=2048))   # train, by component
+    estimate_evaluate(arch, setup, rows, prompt_tokens, new_tokens)      # evaluate
+    estimate_merge(arch, setup, prompt_tokens)                           # merge
 
+No params are read here (medqlora/preflight.py maps params to a Setup and checks the limit);
+the fast path's checkpoint budget (layers_within_budget), the generation row cap
+(medqlora.generation.rows_that_fit) and the merge stage's size check use the same arithmetic.
 Only the base's config.json is read (a local folder, or the Hugging Face cache for a hub id;
 nothing is downloaded). The model, per component, for T = per_device_train_batch_size x
 data.max_seq_length tokens per micro-batch (the longest a micro-batch can be):
@@ -46,7 +51,6 @@ GIB = 2**30
 BLOCK = 64                    # bitsandbytes 4-bit blocksize
 NESTED_BLOCK = 256            # double quant: blocks of absmax values per fp32 constant
 CUDA_CONTEXT_GIB = 0.5        # context + cuBLAS workspace + allocator slack outside torch's count
-EXIT_WONT_FIT = 3
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIM_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8,
                      "paged_adamw_8bit": 2, "adamw_8bit": 2, "sgd": 0, "adafactor": 0}
@@ -146,10 +150,39 @@ def lora_params(arch: Arch, r: int, targets: tuple[str, ...]) -> int:
     return arch.layers * sum(r * sum(shapes[name]) for name in targets if name in shapes)
 
 
+def layer_activation_bytes(tokens: int, hidden: int, intermediate: int) -> int:
+    """Activations one un-checkpointed decoder layer keeps for backward, bf16, fast path.
+
+    Calibrated on an H100 (bench/README.md, 8192 tokens, every switch on): Mistral-7B, 4
+    un-checkpointed layers: +4.84 GiB over "all" (1.21 GiB a layer); Llama-3-8B, 12 layers:
+    +17.3 GiB (1.44 GiB a layer). Modelled as tokens x (9 x hidden + 4.5 x intermediate) x 2
+    bytes = 1.55 GiB, above both, so a budget is not overshot. (The measured table used
+    8h + 3.5i = 1.27 GiB, which overshot Llama-3's budget by 2.5 GiB.)
+    """
+    return tokens * 2 * (9 * hidden + int(4.5 * intermediate))
+
+
+def layers_within_budget(budget_gib: float | None, layers: int, tokens: int, hidden: int,
+                         intermediate: int, allocated: int, trainable: int) -> int:
+    """How many layers can skip recompute and stay under `budget_gib` (0 when it is null).
+
+    peak ~ allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
+         + layers x tokens x hidden x 2 (bf16 checkpoints) + one layer's recompute + 1 GiB
+           of working space (loss chunks, allocator slack)
+         + k x (one layer's activations - its checkpoint).
+    """
+    if budget_gib is None:
+        return 0
+    per_layer = layer_activation_bytes(tokens, hidden, intermediate)
+    checkpoint = tokens * hidden * 2
+    base = allocated + 3 * 4 * trainable + layers * checkpoint + per_layer + GIB
+    spare = budget_gib * GIB - base
+    return max(0, min(layers, int(spare // (per_layer - checkpoint))))
+
+
 def layer_working_bytes(arch: Arch, setup: Setup) -> int:
     """What one decoder layer keeps for its backward pass (see the module docstring)."""
     if setup.fast_kernels:
-        from medqlora.fastpath import layer_activation_bytes
         return layer_activation_bytes(setup.tokens, arch.hidden, arch.intermediate)
     act = 2 if setup.fast_frozen_bf16 or not setup.load_in_4bit else 4
     kv = arch.kv_heads * arch.head_dim
@@ -300,29 +333,7 @@ def estimate_merge(arch: Arch, setup: Setup, prompt_tokens: int) -> Estimate:
     return out
 
 
-# ---------------------------------------------------------------- from params
-
-def setup_from(params, device: str = "cuda") -> Setup:
-    """The Setup of a Params as it would run on `device` (fast path auto = on for CUDA)."""
-    from medqlora.fastpath import resolve
-    t, q, fast = params.train, params.quantization, params.train.fast_path
-    dist = params.runner.distributed
-    fsdp = dist.strategy == "fsdp" and dist.num_processes > 1
-    plan = resolve(fast if not fsdp else replace(fast, enabled="off"), device)
-    if device == "cuda" and fast.enabled != "off" and not fsdp:  # not applied under FSDP
-        # Planned on a host without liger-kernel: assume the GPU image has it (it does).
-        plan = replace(plan, fused_kernels=fast.fused_kernels,
-                       fused_cross_entropy=fast.fused_cross_entropy)
-    targets = PROJECTIONS if params.lora.target_modules == "all-linear" else \
-        tuple(params.lora.target_modules)
-    return Setup(
-        batch=t.per_device_train_batch_size, seq=params.data.max_seq_length,
-        load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
-        compute_bytes=DTYPE_BYTES[q.bnb_4bit_compute_dtype], r=params.lora.r, targets=targets,
-        optim=t.optim, checkpointing=t.gradient_checkpointing and plan.checkpoint_policy != "none",
-        fast_frozen_bf16=plan.frozen_in_compute_dtype, fast_kernels=plan.fused_kernels,
-        fused_ce=plan.fused_cross_entropy, world=dist.num_processes, strategy=dist.strategy)
-
+# ---------------------------------------------------------------- config, device, report
 
 def read_model_config(model) -> dict[str, Any]:
     """config.json of model.base: a local folder, or the HF cache for a hub id (offline)."""
@@ -345,32 +356,6 @@ def fits(arch: Arch, setup: Setup, limit: int) -> bool:
     return estimate(arch, setup).total <= limit
 
 
-def advice(arch: Arch, setup: Setup, limit: int, accum: int) -> list[str]:
-    """Single knob changes that would fit under `limit`, most useful first."""
-    hints = []
-    if not setup.checkpointing and fits(arch, replace(setup, checkpointing=True), limit):
-        hints.append("enable train.gradient_checkpointing (true) would fit")
-    batch = setup.batch // 2
-    while batch >= 1 and not fits(arch, replace(setup, batch=batch), limit):
-        batch //= 2
-    if batch >= 1:
-        factor = setup.batch // batch
-        hints.append(f"train.per_device_train_batch_size: {setup.batch} -> {batch} would fit "
-                     f"(gradient_accumulation_steps {accum} -> {accum * factor} keeps the "
-                     "effective batch)")
-    seq = setup.seq // 2
-    while seq >= 64 and not fits(arch, replace(setup, seq=seq), limit):
-        seq //= 2
-    if seq >= 64:
-        hints.append(f"data.max_seq_length: {setup.seq} -> {seq} would fit")
-    if not hints:
-        hints.append(f"even train.per_device_train_batch_size 1 needs "
-                     f"{estimate(arch, replace(setup, batch=1)).total / GIB:.1f} GiB: lower "
-                     "lora.r, use an 8-bit optimizer (train.optim: paged_adamw_8bit) or a "
-                     "larger GPU")
-    return hints
-
-
 def device_limit(budget_gib: float | None) -> tuple[int | None, str]:
     """The limit that applies: train.memory_budget_gib, else the visible GPU's memory."""
     if budget_gib is not None:
@@ -389,87 +374,3 @@ def table(est: Estimate) -> str:
     lines.append(f"{'peak allocated (torch)':<{width}}{est.peak / GIB:9.3f} GiB")
     lines.append(f"{'total':<{width}}{est.total / GIB:9.3f} GiB")
     return "\n".join(lines + [f"note: {n}" for n in est.notes])
-
-
-@dataclass
-class Verdict:
-    """Outcome of a preflight: the report lines and whether the run may start."""
-    ok: bool
-    lines: list[str]
-    estimate: Estimate | None = None
-
-
-def train_report(arch: Arch, params, limit: int | None, what: str) -> tuple[bool, list[str], Estimate]:
-    """The train stage's estimate against the limit, with the knob to turn when it won't fit."""
-    setup = setup_from(params, "cuda")
-    est = estimate(arch, setup)
-    lines = [f"preflight: {params.model.base}, {setup.batch} x {setup.seq} tokens per "
-             f"micro-batch, LoRA r={setup.r}, checkpointing={setup.checkpointing}"
-             + (f", {setup.strategy} over {setup.world} processes" if setup.world > 1 else ""),
-             table(est)]
-    if limit is None:
-        return True, lines + [f"no limit to check against ({what})"], est
-    if est.total <= limit:
-        return True, lines + [f"fits: {est.total / GIB:.2f} GiB <= {what}"], est
-    lines.append(f"will not fit: estimated {est.total / GIB:.2f} GiB > {what}")
-    lines += [f"  {hint}" for hint in advice(arch, setup, limit,
-                                             params.train.gradient_accumulation_steps)]
-    return False, lines, est
-
-
-def later_stages_report(arch: Arch, params, limit: int | None, what: str) -> tuple[bool, list[str]]:
-    """evaluate and merge, estimated from the same config (prompts bounded by
-    data.max_seq_length, so the evaluate figure is an upper bound)."""
-    setup = setup_from(params, "cuda")
-    ev, prompt = params.evaluate, params.data.max_seq_length
-    rows = min(ev.batch_size, ev.max_examples or ev.batch_size)
-    if limit is not None:  # medqlora.generation caps rows so the KV cache takes <= half the free
-        free = limit - sum(inference_weights(arch, setup).values())
-        per_row = kv_cache_bytes(arch, prompt + ev.max_new_tokens, setup.compute_bytes)
-        rows = max(1, min(rows, free // 2 // per_row))
-    evaluate = estimate_evaluate(arch, setup, rows, prompt, ev.max_new_tokens)
-    lines = [f"evaluate: at most {evaluate.total / GIB:.2f} GiB ({rows} rows generated together, "
-             f"prompts <= {prompt} + {ev.max_new_tokens} new tokens)"]
-    if not params.merge.enabled:
-        return True, lines + ["merge: disabled"]
-    merge = estimate_merge(arch, setup, prompt)
-    lines.append(f"merge: {merge.total / GIB:.2f} GiB (the base in float32, as the merge "
-                 f"computes it; stored as {params.merge.dtype})")
-    if limit is not None and merge.total > limit:
-        lines.append(f"merge will not fit: estimated {merge.total / GIB:.2f} GiB > {what}; the "
-                     "merge stage will then ship the adapter alone (set merge.enabled: false "
-                     "to say so up front, or merge on a larger GPU)")
-        return False, lines
-    return True, lines
-
-
-def preflight(params, stages: tuple[str, ...] = ("train", "evaluate", "merge")) -> Verdict:
-    """Estimate each stage's peak, compare with the limit, name the knob when one won't fit."""
-    try:
-        arch = Arch.from_config(read_model_config(params.model))
-    except CannotEstimate as err:
-        return Verdict(True, [f"warning: {err}"])
-    except KeyError as err:
-        return Verdict(True, [f"warning: model.base: config.json has no {err}; cannot estimate"])
-    limit, what = device_limit(params.train.memory_budget_gib)
-    ok, lines, est = train_report(arch, params, limit, what)
-    if "evaluate" in stages or "merge" in stages:
-        later_ok, later = later_stages_report(arch, params, limit, what)
-        ok, lines = ok and later_ok, lines + later
-    return Verdict(ok, lines, est)
-
-
-def check(params) -> None:
-    """The train stage's preflight: log the estimate; exit 3 naming the knob when it won't fit."""
-    import logging
-    import sys
-    verdict = preflight(params, stages=("train",))
-    log = logging.getLogger(__name__)
-    for line in "\n".join(verdict.lines).splitlines():
-        level = logging.WARNING if line.startswith("warning") else (
-            logging.INFO if verdict.ok else logging.ERROR)
-        log.log(level, line)
-    if not verdict.ok:
-        print("train: refusing to start, the estimated peak memory exceeds the limit; change "
-              "one of the settings above (`medqlora preflight` re-checks)", file=sys.stderr)
-        raise SystemExit(EXIT_WONT_FIT)

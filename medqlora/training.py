@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from medqlora import adapter_io, checkpoints, fastpath, launch, memory, modeling
+from medqlora import adapter_io, checkpoints, fastpath, launch, modeling, preflight
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.provenance import write_meta
@@ -618,8 +618,8 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     launch.join_launch()  # a launched worker dies with its launcher, never trains on orphaned
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     precision = modeling.resolve_precision(params.quantization, params.train.mixed_precision)
-    # --- preflight (medqlora/memory.py): exit 3 before loading anything when it won't fit ---
-    memory.check(params)
+    # --- preflight (medqlora/preflight.py): WontFit (exit 3) before loading anything ---
+    preflight.check(params)
     # --- end preflight ---
     data = load_data(data_dir)
     base = base_info(params)  # hashed once: it names the checkpoint folder and goes in meta.json

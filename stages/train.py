@@ -29,6 +29,7 @@ def main(argv=None):
         raise SystemExit(launch.relaunch(params, str(Path(__file__).resolve()), script_args))
     launch.one_gpu_unless_launched()  # else the Trainer spreads one process over every GPU
     # --- end distributed ---
+    from medqlora.preflight import EXIT_WONT_FIT, WontFit
     from medqlora.training import Diverged, run
     live = None if args.live == "none" else args.live
     try:
@@ -36,6 +37,9 @@ def main(argv=None):
     except Diverged as err:  # the divergence guard: exit 1, nothing published
         print(err, file=sys.stderr)
         raise SystemExit(1) from None
+    except WontFit as err:  # the preflight: exit 3 before loading anything
+        print(err, file=sys.stderr)
+        raise SystemExit(EXIT_WONT_FIT) from None
 
 
 if __name__ == "__main__":

@@ -104,17 +104,17 @@ def test_resolve_auto_is_off_on_cpu_and_notes_gpu_only_parts():
 
 def test_checkpoint_budget_arithmetic():
     # Mistral-7B widths, 8192 tokens: 1.55 GiB a layer un-checkpointed, 64 MiB checkpointed.
-    per_layer = fastpath.layer_activation_bytes(8192, 4096, 14336)
+    per_layer = memory.layer_activation_bytes(8192, 4096, 14336)
     assert per_layer == 8192 * 2 * (9 * 4096 + 64512)
     gib = 2**30
     allocated, trainable = 5 * gib, 168_000_000
     base = allocated + 12 * trainable + 32 * 8192 * 4096 * 2 + per_layer + gib
     step = per_layer - 8192 * 4096 * 2
     budget = (base + 2.5 * step) / gib   # room for 2.5 layers -> 2
-    assert fastpath.layers_within_budget(budget, 32, 8192, 4096, 14336, allocated,
+    assert memory.layers_within_budget(budget, 32, 8192, 4096, 14336, allocated,
                                          trainable) == 2
-    assert fastpath.layers_within_budget(None, 32, 8192, 4096, 14336, allocated, trainable) == 0
-    assert fastpath.layers_within_budget(1000.0, 32, 8192, 4096, 14336, allocated,
+    assert memory.layers_within_budget(None, 32, 8192, 4096, 14336, allocated, trainable) == 0
+    assert memory.layers_within_budget(1000.0, 32, 8192, 4096, 14336, allocated,
                                          trainable) == 32
 
 

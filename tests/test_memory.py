@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.archs import ARCHS
-from medqlora import memory
+from medqlora import memory, preflight
 from medqlora.cli import main
 from medqlora.config import load_params
 from medqlora.memory import GIB, Arch, Setup, estimate
@@ -80,7 +80,7 @@ def mistral_params(tmp_path: Path, **overrides) -> Path:
 
 
 def test_preflight_refuses_and_names_batch_knob(tmp_path, capsys):
-    assert main(["preflight", str(mistral_params(tmp_path))]) == memory.EXIT_WONT_FIT
+    assert main(["preflight", str(mistral_params(tmp_path))]) == preflight.EXIT_WONT_FIT
     err = capsys.readouterr().err
     assert "will not fit: estimated 15.61 GiB > train.memory_budget_gib = 12 GiB" in err
     assert "train.per_device_train_batch_size: 4 -> 2 would fit" in err
@@ -90,7 +90,7 @@ def test_preflight_refuses_and_names_batch_knob(tmp_path, capsys):
 def test_preflight_names_checkpointing_knob(tmp_path, capsys):
     path = mistral_params(tmp_path, **{"train.gradient_checkpointing": False,
                                        "train.memory_budget_gib": 24})
-    assert main(["preflight", str(path)]) == memory.EXIT_WONT_FIT
+    assert main(["preflight", str(path)]) == preflight.EXIT_WONT_FIT
     assert "enable train.gradient_checkpointing (true) would fit" in capsys.readouterr().err
 
 
@@ -106,7 +106,7 @@ def test_preflight_fits_prints_table(tmp_path, capsys):
 def test_preflight_refuses_a_merge_that_will_not_fit(tmp_path, capsys):
     """Train fits 16 GiB, but the merge computes in a float32 base (~29 GiB for Mistral-7B)."""
     path = mistral_params(tmp_path, **{"train.memory_budget_gib": 16})
-    assert main(["preflight", str(path)]) == memory.EXIT_WONT_FIT
+    assert main(["preflight", str(path)]) == preflight.EXIT_WONT_FIT
     err = capsys.readouterr().err
     assert "fits: 15.61 GiB" in err
     assert "merge will not fit: estimated 29.25 GiB > train.memory_budget_gib = 16 GiB" in err
@@ -146,9 +146,7 @@ def test_hub_id_not_cached_warns_and_exits_0(tmp_path, capsys):
 def test_train_stage_refuses_before_loading(tmp_path, capsys):
     from medqlora.training import run
     params = load_params(mistral_params(tmp_path))
-    with pytest.raises(SystemExit) as exit_info:  # no data folder: preflight runs first
+    with pytest.raises(preflight.WontFit, match="refusing to start"):  # no data: preflight first
         run(params, tmp_path / "missing", tmp_path / "out", tmp_path / "ck", tmp_path / "live",
             tmp_path / "m.json")
-    assert exit_info.value.code == memory.EXIT_WONT_FIT
-    assert "refusing to start" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
