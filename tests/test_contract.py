@@ -206,6 +206,7 @@ def test_every_stage_script_hands_params_to_the_library():
     assert calls == {"prepare": [("medqlora.dataset", "run")],
                      "train": [("medqlora.launch", "relaunch"), ("medqlora.training", "run")],
                      "evaluate": [("medqlora.evaluation", "evaluate")],
+                     "benchmark": [("medqlora.benchmarks", "benchmark")],
                      "merge": [("medqlora.merging", "run_merge")],
                      "package": [("medqlora.packaging", "build_package")]}
 
