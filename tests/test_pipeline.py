@@ -70,7 +70,7 @@ PINNED = {
     "train": {"train_loss": (3.95107421875, 1e-3), "eval_loss": (3.900860071182251, 1e-3),
               "eval_loss_start": (7.557730197906494, 1e-3)},
     "evaluate.adapter": {"perplexity": (37.772656431304554, 1e-3),
-                         "bleu": (1.7538749489637542, 2e-2), "rouge_l": (0.06762604070627505, 2e-2),
+                         "bleu": (1.7538749489637542, 2e-2), "rouge_l": (0.0642, 2e-2),  # accent-aware words (was 0.0676)
                          "diagnostic_accuracy": (0.075, 0.34)},  # 3 of 40: one item is 0.025
     "evaluate.base": {"perplexity": (2420.790282415131, 1e-3),
                       "bleu": (0.5217691269331445, 2e-2), "rouge_l": (0.030235719325253863, 2e-2)},
@@ -155,19 +155,29 @@ def test_evaluate_key_reruns_evaluate_and_package_only(workspace):
     assert ran(out.stdout) == {"evaluate", "package"}
 
 
-def test_medqa_file_placed_per_readme_is_scored_by_dvc_repro_as_lm_eval_scores_it(workspace,
-                                                                                  tmp_path):
-    # Runs last. What the README tells a user: put the public MedQA-4 test file at
-    # data/benchmarks/medqa/test.jsonl, list it under evaluate.benchmarks, `dvc repro`.
+@pytest.fixture
+def medqa_file(workspace):
+    """data/benchmarks/medqa/test.jsonl in the workspace, removed afterwards (git-ignored, so
+    restore_baseline's `git clean` would leave it and change the benchmark stage's dep)."""
     import shutil
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from make_benchmark_samples import write_samples
+    folder = workspace / "data/benchmarks/medqa"
+    folder.mkdir(parents=True)
+    sample = write_samples(workspace.parent / "samples")["medqa_4options"]["path"]
+    shutil.copy2(sample, folder / "test.jsonl")
+    yield folder / "test.jsonl"
+    shutil.rmtree(folder)
+    shutil.rmtree(workspace.parent / "samples")
+
+
+def test_medqa_file_placed_per_readme_is_scored_by_dvc_repro_as_lm_eval_scores_it(
+        workspace, medqa_file, tmp_path):
+    # What the README tells a user: put the public MedQA-4 test file at
+    # data/benchmarks/medqa/test.jsonl, list it under evaluate.benchmarks, `dvc repro`.
     from medqlora.benchmarks import save_quantized_base, task_scores
     from tests.test_benchmarks import lm_eval_cli
-    sample = write_samples(tmp_path / "samples")["medqa_4options"]["path"]
-    (workspace / "data/benchmarks/medqa").mkdir(parents=True)
-    shutil.copy2(sample, workspace / "data/benchmarks/medqa/test.jsonl")
     edit_params(workspace, "evaluate.benchmarks",
                 [{"task": "medqa_4options", "path": "data/benchmarks/medqa/test.jsonl"}])
     out = run(["dvc", "repro"], workspace)
