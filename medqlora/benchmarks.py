@@ -22,7 +22,7 @@ gives the same numbers (tests/test_pipeline.py checks it after `dvc repro`; test
 test_benchmarks.py checks every task, item by item, against `lm_eval.simple_evaluate`):
 
     lm_eval --model hf --model_args pretrained=models/base-nf4,peft=models/adapter,\
-dtype=bfloat16 --batch_size 64 --include_path benchmarks/tasks --tasks medqa_4options
+dtype=bfloat16 --batch_size 16 --include_path benchmarks/tasks --tasks medqa_4options
 
 (transformers 5 dropped `load_in_4bit` from `from_pretrained`, so the CLI reads the 4-bit
 settings from a saved pre-quantized base: `save_quantized_base` writes one.)
@@ -526,7 +526,7 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
         if prepared:
             tasks_dir = write_task_folder(prepared, tmp)
             prompts = prompt_shapes(tasks_dir, [p.bench.task for p in prepared])
-            result, meta, runs = score(adapter_dir, prepared, tasks_dir, cfg.batch_size,
+            result, meta, runs = score(adapter_dir, prepared, tasks_dir, cfg.benchmark_batch_size,
                                        cfg.compare_base)
             write_items(tmp, runs, [p.bench.task for p in prepared])
             for task, block in result["tasks"].items():
@@ -538,7 +538,7 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
                     str(tmp.resolve()), str(Path(out_dir).resolve())), encoding="utf-8")
         write_meta(tmp, stage="benchmark",
                    params={"evaluate": {"benchmarks": params.raw["evaluate"]["benchmarks"],
-                                        "batch_size": cfg.batch_size,
+                                        "benchmark_batch_size": cfg.benchmark_batch_size,
                                         "compare_base": cfg.compare_base}},
                    inputs={"adapter": adapter_dir,
                            **{p.bench.path: Path(p.bench.path) for p in prepared}},

@@ -169,6 +169,7 @@ class EvaluateParams:
     batch_size: int
     bootstrap_samples: int
     compare_base: bool
+    benchmark_batch_size: int
     benchmarks: tuple[BenchmarkParams, ...]
 
 

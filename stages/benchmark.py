@@ -3,7 +3,7 @@
     python stages/benchmark.py --params params.yaml --adapter models/adapter \
         --data data/benchmarks --out benchmarks --metrics metrics/benchmark.json
 
-Reads `evaluate.benchmarks` (tasks, files, shots, limits), `evaluate.batch_size` and
+Reads `evaluate.benchmarks` (tasks, files, shots, limits), `evaluate.benchmark_batch_size` and
 `evaluate.compare_base`; the base and its quantization come from the adapter's meta.json.
 Every benchmark file is checked (file:line errors) before any model loads; with no benchmarks
 listed the stage writes an empty result in a second.

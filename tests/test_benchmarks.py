@@ -258,7 +258,7 @@ def test_pipeline_numbers_equal_lm_eval_simple_evaluate(samples, tiny_model, tmp
                 "fewshot_path": files[t]["fewshot_path"] if t in shots else None,
                 "limit": 6 if t == "medmcqa" else None} for t in ALL_TASKS]
     doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    doc["evaluate"]["benchmarks"], doc["evaluate"]["batch_size"] = benches, 8
+    doc["evaluate"]["benchmarks"], doc["evaluate"]["benchmark_batch_size"] = benches, 8
     params = build_params(doc)
     monkeypatch.chdir(root)  # stages run from the project root; benchmark paths are relative
     result = bm.benchmark(params, adapter, "data/benchmarks", tmp_path / "out",
@@ -303,14 +303,15 @@ def test_model_card_table_states_the_protocol():
     assert "No standard benchmark was run" in _benchmarks({"tasks": {}})
 
 
-def test_evaluate_stage_lists_every_evaluate_key_but_benchmarks():
+def test_evaluate_stage_lists_every_evaluate_key_but_the_benchmark_ones():
     # dvc.yaml cannot say "evaluate except benchmarks": the evaluate stage names its keys one
     # by one, so a new evaluate key must be listed there too (else changing it re-runs nothing).
     from medqlora.config import load_schema
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    keys = set(load_schema()["properties"]["evaluate"]["properties"]) - {"benchmarks"}
+    keys = set(load_schema()["properties"]["evaluate"]["properties"]) - {
+        "benchmarks", "benchmark_batch_size"}
     assert set(stages["evaluate"]["params"]) == {"seed"} | {f"evaluate.{k}" for k in keys}
     assert set(stages["benchmark"]["params"]) == {
-        "evaluate.benchmarks", "evaluate.batch_size", "evaluate.compare_base"}
+        "evaluate.benchmarks", "evaluate.benchmark_batch_size", "evaluate.compare_base"}
     assert "data/benchmarks" in stages["benchmark"]["deps"]
     assert "metrics/benchmark.json" in stages["package"]["deps"]

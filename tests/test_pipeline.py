@@ -192,7 +192,8 @@ def test_medqa_file_placed_per_readme_is_scored_by_dvc_repro_as_lm_eval_scores_i
     assert f"| medqa_4options | {medqa['n']} | 0 | acc |" in card
 
     base_nf4 = save_quantized_base(workspace / "models/adapter", tmp_path / "base-nf4")
-    batch = yaml.safe_load((workspace / "params.yaml").read_text())["evaluate"]["batch_size"]
+    batch = yaml.safe_load((workspace / "params.yaml").read_text())["evaluate"][
+        "benchmark_batch_size"]
     cli, _ = lm_eval_cli(workspace, base_nf4, workspace / "models/adapter",
                          workspace / "benchmarks/tasks", ["medqa_4options"], tmp_path / "cli",
                          batch_size=batch)
