@@ -10,6 +10,9 @@ with the embedded tiny tokenizer (bench_distributed.make_base); no weights are d
 The recipe is examples/mistral-7b-medical.yaml with `model.base` pointed at that folder,
 `runner.backend: local`, one epoch of the embedded data, and `package.include_merged: true`;
 `--set key=value` overrides any other key (e.g. `--set evaluate.max_examples=500`).
+The benchmark stage scores MedQA-4 (lm-evaluation-harness `medqa_4options`, zero-shot) on
+1,273 synthetic items in the public layout, the public test size
+(scripts/make_benchmark_samples.py; 8 items with `--arch embedded`); `--medqa-items N` changes it.
 
 Each stage command is read from dvc.yaml (train's `--live` becomes `none` where dvclive is not
 installed, as on the GPU image) and run in a copy of the project (a fresh-clone-like
@@ -45,9 +48,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.bench_distributed import make_base  # noqa: E402
 
 GIB = 2**30
-COPY = ("dvc.yaml", "schema", "stages", "medqlora", "data/raw", "models/tiny-med-llama",
-        "examples", "pyproject.toml")
-STAGES = ("prepare", "train", "evaluate", "merge", "package")
+COPY = ("dvc.yaml", "schema", "stages", "medqlora", "data/raw", "data/benchmarks/README.md",
+        "models/tiny-med-llama", "examples", "pyproject.toml")
+STAGES = ("prepare", "train", "evaluate", "benchmark", "merge", "package")
+MEDQA = "data/benchmarks/medqa/test.jsonl"
 # dvclive/ (the train stage's output folder) would import as a namespace package: look for
 # the library's own module.
 LIVE = importlib.util.find_spec("dvclive") is not None and \
@@ -72,9 +76,22 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
+def write_medqa(ws: Path, items: int) -> None:
+    """`items` synthetic MedQA-4 items in the public layout at MEDQA (the benchmark stage's file)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_benchmark_samples import medqa
+    import random
+    path = ws / MEDQA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in medqa(random.Random(0), items)),
+                    encoding="utf-8")
+
+
 def params_for(base: Path, overrides: list[str], cpu: bool) -> dict:
-    """The example recipe on `base`, local runner, one epoch, merged weights packaged."""
+    """The example recipe on `base`, local runner, one epoch, merged weights packaged, MedQA-4
+    in evaluate.benchmarks."""
     doc = yaml.safe_load((ROOT / "examples" / "mistral-7b-medical.yaml").read_text())
+    doc["evaluate"]["benchmarks"] = [{"task": "medqa_4options", "path": MEDQA}]
     doc["model"]["base"] = str(base)
     doc["runner"].update(backend="local", network="none", env=[])
     doc["train"]["num_train_epochs"] = 1
@@ -136,6 +153,10 @@ def summary(name: str, ws: Path) -> str:
     if name == "evaluate":
         return (f"n {m['n']} ({m.get('n_option_scored')} by option likelihood, "
                 f"{m.get('n_generated')} generated x {m['generation']['max_new_tokens']} tokens)")
+    if name == "benchmark":
+        return "; ".join(
+            f"{task} n {t['n']}: acc base {t['base']['acc']:.3f}, adapter {t['adapter']['acc']:.3f} "
+            f"(synthetic items); scoring s {m['seconds']}" for task, t in m["tasks"].items())
     if name == "merge":
         return (f"parity {'passed' if m.get('passed') else 'FAILED'} ({m.get('dtype')}): mean "
                 f"{m.get('mean_abs_logit_diff')} vs floor "
@@ -180,6 +201,8 @@ def main() -> int:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="comma-separated stages to run (a later run re-uses the workspace)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the workspace")
+    parser.add_argument("--medqa-items", type=int, default=None,
+                        help="synthetic MedQA-4 items the benchmark stage scores (1273; 8 on a CPU)")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +212,9 @@ def main() -> int:
     ws = work / f"ws-{args.arch}"
     if args.fresh or not ws.is_dir():
         workspace(ws)
-    params = params_for(base, args.set, cpu=info["device"] == "cpu")
+    cpu = info["device"] == "cpu"
+    write_medqa(ws, args.medqa_items or (8 if cpu else 1273))
+    params = params_for(base, args.set, cpu=cpu)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     wanted = args.stages.split(",")
     rows = []

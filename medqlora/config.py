@@ -67,6 +67,8 @@ class DataParams:
     packing: bool
     system_prompt: str
     phi: str
+    on_contamination: str
+    contamination_threshold: float
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,16 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class BenchmarkParams:
+    """evaluate.benchmarks[i]: one lm-evaluation-harness task on a local public file."""
+    task: str
+    path: str
+    fewshot_path: str | None
+    num_fewshot: int
+    limit: int | None
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     max_examples: int | None
     max_new_tokens: int
@@ -157,6 +169,8 @@ class EvaluateParams:
     batch_size: int
     bootstrap_samples: int
     compare_base: bool
+    benchmark_batch_size: int
+    benchmarks: tuple[BenchmarkParams, ...]
 
 
 @dataclass(frozen=True)
@@ -484,6 +498,7 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
             problem = source_rules.path_problem(source["path"], root, tracked)
             if problem:
                 problems.append(f"data.sources[{i}].path: {problem}")
+    problems.extend(_benchmark_rules(_mapping(doc, "evaluate").get("benchmarks"), root))
     if lora.get("target_modules") == []:
         problems.append("lora.target_modules: is empty; list module names (e.g. q_proj, v_proj) "
                         "or use \"all-linear\"")
@@ -502,6 +517,28 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
         problems.append(f"runner.distributed.num_processes: {procs} is fewer than num_machines "
                         f"({machines})")
     problems.extend(_distributed_rules(doc, dist))
+    return problems
+
+
+def _benchmark_rules(benchmarks: Any, root: Path) -> list[str]:
+    """evaluate.benchmarks: files exist, few-shot files where shots are asked, no task twice."""
+    problems, seen = [], set()
+    for i, bench in enumerate(benchmarks if isinstance(benchmarks, list) else []):
+        if not isinstance(bench, dict):
+            continue
+        where = f"evaluate.benchmarks[{i}]"
+        for key in ("path", "fewshot_path"):
+            path = bench.get(key)
+            if isinstance(path, str) and not (root / path).is_file():
+                problems.append(f"{where}.{key}: {path} not found (relative to {root}); "
+                                "README 'Standard benchmarks' says where to get it")
+        shots = bench.get("num_fewshot", 0)
+        if _number(shots) and shots > 0 and not bench.get("fewshot_path"):
+            problems.append(f"{where}.fewshot_path: required with num_fewshot {shots} (the file "
+                            "the harness draws examples from, e.g. the train split)")
+        if bench.get("task") in seen:
+            problems.append(f"{where}.task: {bench['task']} is listed twice")
+        seen.add(bench.get("task"))
     return problems
 
 
@@ -618,7 +655,8 @@ def build_params(doc: dict[str, Any]) -> Params:
         lora=_build(LoraParams, full["lora"]),
         train=_build(TrainParams, {**full["train"], "fast_path": _build(
             FastPathParams, full["train"]["fast_path"])}),
-        evaluate=_build(EvaluateParams, full["evaluate"]),
+        evaluate=_build(EvaluateParams, {**full["evaluate"], "benchmarks": tuple(
+            _build(BenchmarkParams, b) for b in full["evaluate"]["benchmarks"])}),
         merge=_build(MergeParams, full["merge"]),
         package=_build(PackageParams, full["package"]),
         runner=_build(RunnerParams, runner),

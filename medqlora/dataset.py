@@ -16,7 +16,10 @@ Steps, in order (each counted in metrics/prepare.json, none silent):
    test_fraction, val below test+val, else train. A record's split depends on its own prompt
    only, so adding or removing records never moves another one, and equal prompts always
    share a split. Leakage check on a looser key (casefolded, punctuation removed): a train
-   prompt equal to a held-out one moves to that held-out split and is counted;
+   prompt equal to a held-out one moves to that held-out split and is counted. Contamination:
+   the share of each val/test item's word 8-grams (its content only: turns, options, answer;
+   no template text) found in train content, reported per split; items above
+   data.contamination_threshold are logged (on_contamination: warn) or stop prepare (error);
 6. template (medqlora.templates.format_prompt) and tokenise prompt and answer separately,
    then concatenate: labels are -100 exactly on the prompt tokens (bos included), the answer
    is followed by eos. Over max_seq_length: truncate cuts the answer (dropped when no answer
@@ -241,6 +244,50 @@ def assign_splits(examples: list[Example], val_fraction: float,
     return splits, moved
 
 
+def content_text(example: Example) -> str:
+    """The record's own words: its user and assistant turns, options and answer (the
+    explanation for mcq). No prompt template, no system prompt, no "Answer: B." scaffold:
+    text every record shares would make any two records overlap."""
+    parts = [m["content"] for m in example.messages if m["role"] != "system"]
+    parts += list((example.options or {}).values())
+    parts.append(example.extra.get("explanation") or example.reference)
+    return "\n".join(parts)
+
+
+def contamination_report(splits: dict[str, list[Example]], data: DataParams,
+                         n: int = 8) -> dict[str, Any]:
+    """Word n-gram overlap of each held-out item's content with train content.
+
+    Per split: items, how many share at least one n-gram with train, mean and max overlap,
+    and how many exceed data.contamination_threshold. Those are logged (warn) or listed by
+    file:line in a DataError (error), which writes nothing.
+    """
+    from medqlora.metrics import overlaps
+    train = [content_text(e) for e in splits["train"]]
+    report: dict[str, Any] = {"ngram": n, "content_only": True,
+                              "threshold": data.contamination_threshold}
+    flagged = []
+    for name in ("val", "test"):
+        shares = overlaps([content_text(e) for e in splits[name]], train, n)
+        over = [(e, o) for e, o in zip(splits[name], shares) if o > data.contamination_threshold]
+        report[name] = {"items": len(shares), "items_with_overlap": sum(o > 0 for o in shares),
+                        "mean_overlap": round(sum(shares) / len(shares), 4) if shares else 0.0,
+                        "max_overlap": round(max(shares, default=0.0), 4),
+                        "over_threshold": len(over)}
+        flagged += [f"{e.source}: {name} item shares {o:.0%} of its {n}-grams with train"
+                    for e, o in over]
+    if flagged and data.on_contamination == "error":
+        raise DataError(_capped(flagged, data.max_errors_reported) + [
+            f"{len(flagged)} held-out item(s) overlap train above data.contamination_threshold "
+            f"{data.contamination_threshold}: remove or rewrite them, raise the threshold, or "
+            "set data.on_contamination: warn"])
+    if flagged:
+        log.warning("contamination: %d held-out item(s) share more than %.0f%% of their %d-grams "
+                    "with train (content only); see metrics/prepare.json", len(flagged),
+                    100 * data.contamination_threshold, n)
+    return report
+
+
 def check_splits(splits: dict[str, list], rows: dict[str, list], data: DataParams,
                  out_dir: Path) -> None:
     """Every split must hold at least one row: train trains on train, evaluates and early-stops
@@ -413,6 +460,7 @@ def prepare(params: Params, out_dir: str | Path, metrics_path: str | Path,
     phi_counts = apply_phi(examples, data.phi, data.max_errors_reported)
     examples, dupes = dedupe(examples, raw_keys)
     splits, leakage = assign_splits(examples, data.val_fraction, data.test_fraction)
+    contamination = contamination_report(splits, data)
     tokenizer = load_tokenizer(params)
     counts: Counter = Counter(truncated=0, dropped_overlength=0)
     rows = {name: build_rows(splits[name], name, tokenizer, data, counts) for name in SPLITS}
@@ -424,6 +472,7 @@ def prepare(params: Params, out_dir: str | Path, metrics_path: str | Path,
         "duplicates_normalised": dupes["normalised"],
         "truncated": counts["truncated"], "dropped_overlength": counts["dropped_overlength"],
         "splits": {name: len(rows[name]) for name in SPLITS}, "leakage": leakage, "phi": phi_counts,
+        "contamination": contamination,
         "length": percentiles([r["length"] for name in SPLITS for r in rows[name]]),
         "kinds": dict(sorted(Counter(r["kind"] for n in SPLITS for r in rows[n]).items())),
     }

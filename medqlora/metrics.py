@@ -2,7 +2,7 @@
 
     perplexity(nll_sum, count)            exp(mean token NLL) over answer tokens
     corpus_bleu / sentence_bleu           sacrebleu (0-100), on detokenised text
-    rouge_l                               rouge-score ROUGE-L F1 (0-1)
+    rouge_l                               rouge-score ROUGE-L F1 (0-1), accent-aware words
     parse_answer(kind, text)              the diagnostic answer a model's output commits to
     bootstrap_ci(...)                     seeded percentile 95% interval, items resampled
 
@@ -71,18 +71,34 @@ def bleu_from_statistics(stats: np.ndarray) -> float:
 # ---------------------------------------------------------------- ROUGE-L
 
 
+class WordTokenizer:
+    """rouge-score tokenizer for French and English: NFC, casefolded, Unicode word runs.
+
+    rouge-score's default tokenizer keeps only [a-z0-9] runs, so accented letters split words:
+    "hyperkaliémie" -> "hyperkali", "mie" and "hypokaliémie" -> "hypokali", "mie" share "mie"
+    (ROUGE-L 0.5 for two opposite findings). Here a word is a run of Unicode letters or digits
+    (underscore and apostrophe separate: "l'anémie" -> "l", "anémie"), so the pair scores 0.
+    No stemming: rouge-score's Porter stemmer is English-only.
+    """
+
+    _WORDS = re.compile(r"[^\W_]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        """The words of `text`, in order."""
+        return self._WORDS.findall(unicodedata.normalize("NFC", text).casefold())
+
+
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score import rouge_scorer
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=WordTokenizer())
 
 
 def rouge_l(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F1 (0-1) from rouge-score, use_stemmer=False.
+    """ROUGE-L F1 (0-1) from rouge-score, with WordTokenizer (accents kept, no stemming).
 
-    rouge-score is English-centric: its tokenizer lowercases and keeps only [a-z0-9] runs, so
-    accented letters split words ("anémie" -> "an", "mie"). French scores are therefore
-    comparable base vs adapter, but not to published English ROUGE numbers.
+    English scores equal rouge-score's default (its tokenizer lowercases and keeps [a-z0-9]
+    runs, as this one does for ASCII text); French words stay whole.
     """
     return float(_rouge_scorer().score(reference, hypothesis)["rougeL"].fmeasure)
 
@@ -218,6 +234,19 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def overlaps(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) -> list[float]:
+    """Per test text, the share of its word n-grams found anywhere in the train texts (0.0 for
+    a text shorter than n words). E.g. 12 words -> 5 8-grams, 1 of them in train -> 0.2."""
+    seen: set[tuple[str, ...]] = set()
+    for text in train_texts:
+        seen |= ngrams(text, n)
+    out = []
+    for text in test_texts:
+        grams = ngrams(text, n)
+        out.append(len(grams & seen) / len(grams) if grams else 0.0)
+    return out
+
+
 def contamination(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) -> dict:
     """How much of each test item also appears in training data, as shared word n-grams.
 
@@ -227,14 +256,8 @@ def contamination(test_texts: Sequence[str], train_texts: Sequence[str], n: int 
     E.g. 10 items, 2 sharing n-grams with train, one of them 6 of its 12: k=2, share 0.2,
     max_overlap 0.5.
     """
-    seen: set[tuple[str, ...]] = set()
-    for text in train_texts:
-        seen |= ngrams(text, n)
-    overlaps = []
-    for text in test_texts:
-        grams = ngrams(text, n)
-        overlaps.append(len(grams & seen) / len(grams) if grams else 0.0)
-    hits = sum(o > 0 for o in overlaps)
+    shares = overlaps(test_texts, train_texts, n)
+    hits = sum(o > 0 for o in shares)
     return {"ngram": n, "items_with_overlap": hits,
-            "share": hits / len(overlaps) if overlaps else 0.0,
-            "max_overlap": max(overlaps, default=0.0)}
+            "share": hits / len(shares) if shares else 0.0,
+            "max_overlap": max(shares, default=0.0)}

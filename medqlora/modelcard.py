@@ -166,6 +166,52 @@ def _evaluation(evaluate: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _pm(block: dict | None, metric: str) -> str:
+    """"0.55 ± 0.014" from a harness score block; n/a when the metric is absent."""
+    if not block or block.get(metric) is None:
+        return "n/a"
+    err = block.get(f"{metric}_stderr")
+    return f"{block[metric]:.3f}" + (f" ± {err:.3f}" if err is not None else "")
+
+
+def _benchmarks(bench: dict | None) -> str:
+    """The standard-benchmark table and the protocol it was measured under."""
+    tasks = (bench or {}).get("tasks") or {}
+    if not tasks:
+        return ("_No standard benchmark was run (`evaluate.benchmarks` is empty). README "
+                "\"Standard benchmarks\" says how to add MedQA, MedMCQA, PubMedQA and MMLU._")
+    lines = [f"lm-evaluation-harness {bench.get('lm_eval_version')}: the harness's own task "
+             "definitions, prompts and metrics, on local copies of the public files. Each "
+             "answer choice (the letter for MedQA, MedMCQA and MMLU; yes/no/maybe for "
+             "PubMedQA) is scored by its log-likelihood after the prompt; `acc` takes the most "
+             "likely choice, `acc_norm` divides each log-likelihood by the choice's length in "
+             "characters first. "
+             "Base: the same 4-bit base with the adapter switched off. ± is the harness's "
+             "standard error.", "",
+             "| task | n | shots | metric | base | base + adapter | delta |",
+             "|---|---|---|---|---|---|---|"]
+    for name, task in sorted(tasks.items()):
+        shown = [m for m in ("acc", "acc_norm") if (task.get("adapter") or {}).get(m) is not None]
+        for i, metric in enumerate(shown):
+            delta = (task.get("delta") or {}).get(metric)
+            head = f"| {name} | {task['n']} | {task['num_fewshot']} |" if i == 0 else "| | | |"
+            lines.append(f"{head} {metric} | {_pm(task.get('base'), metric)} | "
+                         f"{_pm(task['adapter'], metric)} | "
+                         f"{'n/a' if delta is None else f'{delta:+.3f}'} |")
+    lines += ["", "Protocol per task: harness task version (`Yaml`: the task file carries no "
+                  "version number, the lm-evaluation-harness release pins it), scored file and "
+                  "its sha256, few-shot file, and the prompt with placeholders:"]
+    for name, task in sorted(tasks.items()):
+        shots = (f"; {task['num_fewshot']}-shot from `{task.get('fewshot_file')}`"
+                 if task.get("num_fewshot") else "; zero-shot")
+        lines += ["", f"- `{name}` version {task.get('version')}, `{task.get('file')}` "
+                      f"({task.get('items_in_file')} items, sha256 "
+                      f"`{str(task.get('sha256'))[:16]}…`){shots}:", "",
+                  "  ```text", *[f"  {line}" for line in task.get("prompt_lines") or []],
+                  "  ```"]
+    return "\n".join(lines)
+
+
 def _parity(merge: dict | None) -> str:
     if not merge:
         return "_No merge recorded._"
@@ -247,10 +293,24 @@ def _loading(card: Card) -> str:
                           compute=compute)
 
 
+def _contamination(prepare: dict | None) -> str:
+    """One sentence on held-out items overlapping train (prepare's content-only 8-grams)."""
+    report = (prepare or {}).get("contamination")
+    if not report or not report.get("test"):
+        return "_Held-out overlap with train: not measured._"
+    test = report["test"]
+    return (f"**Held-out overlap with train** (word {report['ngram']}-grams of the records' "
+            f"content, template text excluded): {test['items_with_overlap']} of {test['items']} "
+            f"test items share at least one with train; {test['over_threshold']} share more "
+            f"than {report['threshold']:.0%} of theirs (mean overlap {test['mean_overlap']:.2f}, "
+            f"max {test['max_overlap']:.2f}). Test scores on overlapping items measure recall "
+            "of seen text, not generalisation.")
+
+
 def _data(card: Card) -> str:
     source = card.metrics.get("prepare") or card.data_meta
     rows = [(k, v) for k, v in _scalars(source) if not isinstance(v, str) or len(v) < 80]
-    return _table(rows[:40])
+    return _contamination(card.metrics.get("prepare")) + "\n\n" + _table(rows[:40])
 
 
 def _params(card: Card) -> str:
@@ -284,6 +344,7 @@ def render(card: Card) -> str:
         "## Training parameters\n\n" + _params(card),
         "## Training results\n\n" + _table(_scalars(card.metrics.get("train"))),
         "## Evaluation\n\n" + _evaluation(card.metrics.get("evaluate")),
+        "## Standard benchmarks\n\n" + _benchmarks(card.metrics.get("benchmark")),
         "## Merge parity\n\n" + _parity(card.metrics.get("merge")),
         "## Charts\n\n" + (images or "_No charts: training or evaluation history missing._"),
         "## Generation settings\n\n`generation_config.json`: " + ", ".join(

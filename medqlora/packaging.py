@@ -276,7 +276,7 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
     adapter_dir, merged_dir, metrics_dir = Path(adapter_dir), Path(merged_dir), Path(metrics_dir)
     adapter_meta = read_meta(adapter_dir)
     metrics = {name: reproducible(_optional_json(metrics_dir / f"{name}.json"))
-               for name in ("prepare", "train", "evaluate", "merge")}  # no timings in the card
+               for name in ("prepare", "train", "evaluate", "benchmark", "merge")}  # no timings in the card
     merged_meta = (check_merged(merged_dir, adapter_dir, metrics["merge"])
                    if params.package.include_merged else None)
     merged = merged_status(merged_meta, params.package.include_merged)

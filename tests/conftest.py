@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-med-llama"
 # What a fresh clone holds: copied into temp workspaces for pipeline tests.
 WORKSPACE_ITEMS = ("params.yaml", "dvc.yaml", "schema", "stages", "medqlora", "data/raw",
-                   "data/DATA_CARD.md",
+                   "data/DATA_CARD.md", "data/benchmarks/README.md", "data/benchmarks/.gitignore",
                    "models/tiny-med-llama", "examples", "containers", "pyproject.toml",
                    "requirements.lock", ".dvc/config", ".dvcignore")
 

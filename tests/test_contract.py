@@ -27,7 +27,7 @@ from medqlora import contract
 from medqlora.config import SECTIONS, build_params, load_schema
 
 PIPELINE = contract.load_pipeline()
-STAGES = ("prepare", "train", "evaluate", "merge", "package")
+STAGES = ("prepare", "train", "evaluate", "benchmark", "merge", "package")
 # Modules stage.start runs on the whole params file before it makes the view: validation and
 # warnings (config), and the runner choice: where a stage runs, not what it computes.
 WHOLE_FILE_READERS = {"medqlora/stage.py", "medqlora/config.py"}
@@ -43,7 +43,7 @@ def code_deps(stage: str) -> set[str]:
     return {d for d in PIPELINE[stage]["deps"] if d.endswith(".py") or d in extra}
 
 
-def test_dvc_yaml_has_the_five_stages_with_their_scripts():
+def test_dvc_yaml_has_the_six_stages_with_their_scripts():
     assert tuple(PIPELINE) == STAGES
     for stage in STAGES:
         assert contract.stage_script(stage, PIPELINE) == f"stages/{stage}.py"
@@ -206,6 +206,7 @@ def test_every_stage_script_hands_params_to_the_library():
     assert calls == {"prepare": [("medqlora.dataset", "run")],
                      "train": [("medqlora.launch", "relaunch"), ("medqlora.training", "run")],
                      "evaluate": [("medqlora.evaluation", "evaluate")],
+                     "benchmark": [("medqlora.benchmarks", "benchmark")],
                      "merge": [("medqlora.merging", "run_merge")],
                      "package": [("medqlora.packaging", "build_package")]}
 

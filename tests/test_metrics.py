@@ -53,6 +53,29 @@ def test_rouge_l_of_known_pair():
     assert metrics.rouge_l("zebra", "anemia") == 0.0
 
 
+def test_rouge_l_keeps_accented_words_whole():
+    # rouge-score's default tokenizer splits "hyperkaliémie" into "hyperkali", "mie": the two
+    # opposite findings would share "mie" and score 0.5. Whole words share nothing.
+    assert metrics.rouge_l("hyperkaliémie", "hypokaliémie") == 0.0
+    assert metrics.rouge_l("Hyperkaliémie", "hyperkaliémie") == pytest.approx(1.0)
+    assert metrics.WordTokenizer().tokenize("L'anémie sévère, Na+ 125") == [
+        "l", "anémie", "sévère", "na", "125"]
+    # NFD input (e + combining accent) equals NFC: "anémie" is one word either way
+    assert metrics.rouge_l("ane\u0301mie ferriprive", "anémie ferriprive") == pytest.approx(1.0)
+    # LCS("une anémie sévère", "anémie très sévère") = "anémie sévère": P = 2/3, R = 2/3
+    assert metrics.rouge_l("une anémie sévère", "anémie très sévère") == pytest.approx(2 / 3)
+
+
+def test_rouge_l_equals_rouge_score_default_on_english():
+    from rouge_score import rouge_scorer
+    default = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = [("Creatinine is high at 395 umol/L.", "creatinine high: 395 umol/L (ref 60-110)"),
+             ("Treatment combines lifestyle measures", "Lifestyle measures and a PPI")]
+    for hyp, ref in pairs:
+        assert metrics.rouge_l(hyp, ref) == pytest.approx(
+            default.score(ref, hyp)["rougeL"].fmeasure)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("Answer: B", "B"),
     ("answer:C. The sodium...", "C"),

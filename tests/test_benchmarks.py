@@ -1,0 +1,317 @@
+"""Standard benchmarks through lm-evaluation-harness (medqlora/benchmarks.py, stages/benchmark.py).
+
+The sample files come from scripts/make_benchmark_samples.py (made-up items in each public
+layout). The slow test scores them on the tiny model with the pipeline and with the harness's
+own `simple_evaluate` loading the model itself, and requires the same numbers, item by item;
+tests/test_pipeline.py does the same through `dvc repro` against the `lm_eval` command.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medqlora import benchmarks as bm
+from medqlora.config import BenchmarkParams, ParamsError, build_params, load_params
+from tests.conftest import ROOT, run, write_params
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_benchmark_samples import write_samples  # noqa: E402
+
+ALL_TASKS = tuple(bm.TASKS)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> tuple[Path, dict]:
+    """(project root, {task: {"path", "fewshot_path"}}) with the files under data/benchmarks."""
+    root = tmp_path_factory.mktemp("bench")
+    files = write_samples(root / "data/benchmarks/samples")
+    return root, {t: {k: p.relative_to(root).as_posix() for k, p in f.items()}
+                  for t, f in files.items()}
+
+
+def bench(task: str, path: str, **kw) -> BenchmarkParams:
+    return BenchmarkParams(task=task, path=path, fewshot_path=kw.get("fewshot_path"),
+                           num_fewshot=kw.get("num_fewshot", 0), limit=kw.get("limit"))
+
+
+# ---------------------------------------------------------------- layouts (no model)
+
+def test_every_public_layout_reads_into_the_harness_layout(samples):
+    root, files = samples
+    medqa = [json.loads(line) for line in (root / files["medqa_4options"]["path"]).open()]
+    rows = bm.read_medqa(root / files["medqa_4options"]["path"])
+    assert len(rows) == 8
+    assert rows[0] == {"sent1": medqa[0]["question"],
+                       **{f"ending{i}": medqa[0]["options"][k] for i, k in enumerate("ABCD")},
+                       "label": "ABCD".index(medqa[0]["answer_idx"])}
+    mcq = [json.loads(line) for line in (root / files["medmcqa"]["path"]).open()]
+    assert [r["cop"] for r in bm.read_medmcqa(root / files["medmcqa"]["path"])] == [
+        m["cop"] - 1 for m in mcq]                      # public 1-4 -> harness 0-3
+    pubmed = json.loads((root / files["pubmedqa"]["path"]).read_text())
+    rows = bm.read_pubmedqa(root / files["pubmedqa"]["path"])
+    assert [r["pubid"] for r in rows] == list(pubmed)   # file order kept
+    assert rows[0]["final_decision"] == next(iter(pubmed.values()))["final_decision"]
+    rows = bm.read_mmlu(root / files["mmlu_anatomy"]["path"], "anatomy")
+    line = (root / files["mmlu_anatomy"]["path"]).read_text().splitlines()[0]
+    assert len(rows) == 8 and rows[0]["answer"] == "ABCD".index(line[-1])
+    assert rows[0]["subject"] == "anatomy" and len(rows[0]["choices"]) == 4
+
+
+def test_check_files_applies_limit_and_reads_fewshot(samples):
+    root, files = samples
+    prepared = bm.check_files((bench("pubmedqa", files["pubmedqa"]["path"], limit=3),
+                               bench("mmlu_anatomy", files["mmlu_anatomy"]["path"],
+                                     fewshot_path=files["mmlu_anatomy"]["fewshot_path"],
+                                     num_fewshot=5)),
+                              "data/benchmarks", root)
+    assert [(len(p.rows), p.items_in_file) for p in prepared] == [(3, 8), (8, 8)]
+    assert len(prepared[1].fewshot_rows) == 5
+
+
+BAD_FILES = [
+    ("medqa_4options", "q.jsonl",
+     '{"question": "q", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B"}\n'
+     '{"sent1": "q", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 1}\n',
+     "q.jsonl:2: has sent1/ending0-3/label (the Hugging Face export)"),
+    ("medqa_4options", "q.jsonl", '{"question": "q", "options": {"A": "a"}, "answer_idx": "A"}\n',
+     "q.jsonl:1: options must map exactly A, B, C, D to texts, got ['A']"),
+    ("medqa_4options", "q.jsonl", '\n{"question": "q", "options": "A. x"\n',
+     "q.jsonl:2: not JSON"),
+    ("medmcqa", "dev.json",
+     '{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0}\n',
+     "dev.json:1: cop 0 is not 1, 2, 3 or 4 (0-3 is the Hugging Face export"),
+    ("medmcqa", "test.json", '{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d"}\n',
+     "test.json:1: missing cop"),
+    ("pubmedqa", "p.json", '[{"QUESTION": "q"}]',
+     "p.json: expected one JSON object PMID -> record, got list"),
+    ("pubmedqa", "p.json",
+     '{"123": {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "perhaps"}}',
+     "p.json: PMID 123: final_decision 'perhaps' is not yes, no or maybe"),
+    ("mmlu_anatomy", "a.csv", "q,a,b,c,d,A\nq2,a,b,c,B\n",
+     "a.csv:2: expected 6 columns (question, A, B, C, D, answer), got 5"),
+    ("mmlu_anatomy", "a.csv", "question,A,B,C,D,answer\nq,a,b,c,d,E\n",
+     "a.csv:1: is a header row"),
+]
+
+
+@pytest.mark.parametrize("task, name, text, expected", BAD_FILES,
+                         ids=[f"{t}-{e.split(': ', 1)[1][:24]}" for t, _, _, e in BAD_FILES])
+def test_wrong_layout_names_file_and_line(tmp_path, task, name, text, expected):
+    path = tmp_path / "data/benchmarks" / name
+    path.parent.mkdir(parents=True)
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(bm.BenchmarkError) as err:
+        bm.check_files((bench(task, f"data/benchmarks/{name}"),), "data/benchmarks", tmp_path)
+    assert any(p.startswith(str(path)) and expected.split(":", 1)[1] in p
+               for p in err.value.problems), err.value.problems
+    assert expected.split(":")[0] in str(err.value)
+
+
+def test_every_problem_of_every_file_at_once(tmp_path):
+    folder = tmp_path / "data/benchmarks"
+    folder.mkdir(parents=True)
+    (folder / "a.csv").write_text("q,a,b,c,d,X\nq,a,b,c,d,Y\n", encoding="utf-8")
+    (folder / "m.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "elsewhere.csv").write_text("q,a,b,c,d,A\n", encoding="utf-8")
+    with pytest.raises(bm.BenchmarkError) as err:
+        bm.check_files((bench("mmlu_anatomy", "data/benchmarks/a.csv"),
+                        bench("pubmedqa", "data/benchmarks/m.json"),
+                        bench("mmlu_college_biology", "elsewhere.csv")),
+                       "data/benchmarks", tmp_path)
+    assert err.value.problems == [
+        f"{folder}/a.csv:1: answer 'X' is not one of A, B, C, D",
+        f"{folder}/a.csv:2: answer 'Y' is not one of A, B, C, D",
+        f"{folder}/m.json: no items (PubMedQA labeled JSON (PMID -> QUESTION, CONTEXTS, "
+        "final_decision))",
+        "evaluate.benchmarks[2].path: elsewhere.csv is outside data/benchmarks, the folder "
+        "dvc.yaml tracks for the benchmark stage; move it there"]
+
+
+def test_params_rules(tmp_path, samples):
+    root, files = samples
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    doc["data"]["sources"] = [{"path": files["medqa_4options"]["path"], "format": "mcq"}]
+    doc["evaluate"]["benchmarks"] = [
+        {"task": "medqa_4options", "path": "data/benchmarks/missing.jsonl"},
+        {"task": "mmlu_anatomy", "path": files["mmlu_anatomy"]["path"], "num_fewshot": 5},
+        {"task": "mmlu_anatomy", "path": files["mmlu_anatomy"]["path"]},
+        {"task": "mmlu_astronomy", "path": files["mmlu_anatomy"]["path"]},
+    ]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    import os
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+    finally:
+        os.chdir(cwd)
+    problems = [p for p in err.value.problems if p.startswith("evaluate.")]
+    assert problems[0].startswith("evaluate.benchmarks[3].task: 'mmlu_astronomy' is not one of")
+    assert problems[1:] == [
+        "evaluate.benchmarks[0].path: data/benchmarks/missing.jsonl not found (relative to "
+        f"{root}); README 'Standard benchmarks' says where to get it",
+        "evaluate.benchmarks[1].fewshot_path: required with num_fewshot 5 (the file the harness "
+        "draws examples from, e.g. the train split)",
+        "evaluate.benchmarks[2].task: mmlu_anatomy is listed twice"]
+
+
+def test_task_yaml_includes_the_harness_task_and_only_points_its_data(samples, tmp_path):
+    root, files = samples
+    prepared = bm.check_files((bench("medmcqa", files["medmcqa"]["path"]),),
+                              "data/benchmarks", root)
+    tasks = bm.write_task_folder(prepared, tmp_path)
+    config = yaml.safe_load((tasks / "medmcqa.yaml").read_text(encoding="utf-8"))
+    harness = bm.harness_dir() / "medmcqa/medmcqa.yaml"
+    assert config == {"include": str(harness), "task": "medmcqa", "dataset_path": "json",
+                      "dataset_name": None,
+                      "dataset_kwargs": {"data_files": {
+                          "test": str(tmp_path / "data/medmcqa.test.jsonl")}},
+                      "test_split": "test", "validation_split": None, "training_split": None,
+                      "fewshot_split": None, "num_fewshot": 0}
+    assert "doc_to_text: !function utils_medmcqa.doc_to_text" in harness.read_text()
+    rows = [json.loads(line) for line in (tmp_path / "data/medmcqa.test.jsonl").open()]
+    assert rows == prepared[0].rows
+    shapes = bm.prompt_shapes(tasks, ["medmcqa"])
+    assert shapes == {"medmcqa": "Question: <question>\nChoices:\nA. <option A>\nB. <option B>\n"
+                                 "C. <option C>\nD. <option D>\nAnswer:"}
+
+
+def test_stage_reports_bad_files_before_loading_any_model(tmp_path):
+    (tmp_path / "data/benchmarks").mkdir(parents=True)
+    (tmp_path / "data/benchmarks/test.jsonl").write_text('{"question": "q"}\n', encoding="utf-8")
+    params = write_params(tmp_path / "params.yaml", {
+        "evaluate.benchmarks": [{"task": "medqa_4options", "path": "data/benchmarks/test.jsonl"}],
+        "data.sources": [{"path": "data/benchmarks/test.jsonl", "format": "mcq"}]})
+    # No adapter exists: had the stage loaded a model, it would fail on that instead.
+    proc = run([sys.executable, str(ROOT / "stages/benchmark.py"), "--params", str(params),
+                "--adapter", "missing-adapter", "--data", "data/benchmarks", "--out", "out",
+                "--metrics", "benchmark.json"], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert (f"{Path('data/benchmarks/test.jsonl')}:1: missing options, answer_idx (MedQA "
+            "4-options layout: question, options {A..D}, answer_idx)") in proc.stderr
+    assert "no model was loaded" in proc.stderr and "loaded base" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "benchmark.json").exists()
+
+
+def test_no_benchmarks_writes_an_empty_result_without_lm_eval_or_torch(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "meta.json").write_text("{}", encoding="utf-8")
+    script = (
+        "import sys, json, yaml\n"
+        "from medqlora.config import build_params\n"
+        "from medqlora.benchmarks import benchmark\n"
+        f"params = build_params(yaml.safe_load(open({str(ROOT / 'params.yaml')!r})))\n"
+        f"r = benchmark(params, {str(adapter)!r}, 'data/benchmarks', 'out', 'benchmark.json')\n"
+        "print(json.dumps([r['tasks'], 'torch' in sys.modules, 'lm_eval' in sys.modules]))\n")
+    proc = run([sys.executable, "-c", script], tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert json.loads(proc.stdout.splitlines()[-1]) == [{}, False, False]
+    written = json.loads((tmp_path / "benchmark.json").read_text())
+    assert written["tasks"] == {} and written["items"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json"]
+
+
+# ---------------------------------------------------------------- the harness itself (slow)
+
+def lm_eval_cli(cwd: Path, pretrained: Path, adapter: Path | None, tasks_dir: Path,
+                tasks: list[str], out: Path, batch_size: int = 8
+                ) -> tuple[dict, dict[str, list[dict]]]:
+    """(results, {task: logged samples}) of the harness's own command line (tests/
+    test_pipeline.py runs it on what `dvc repro` scored)."""
+    args = f"pretrained={pretrained},dtype=bfloat16" + (f",peft={adapter}" if adapter else "")
+    run(["lm_eval", "--model", "hf", "--model_args", args, "--device", "cpu",
+         "--batch_size", str(batch_size), "--include_path", str(tasks_dir), "--tasks", ",".join(tasks),
+         "--output_path", str(out), "--log_samples"], cwd)
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    samples = {t: [json.loads(line) for line in next(out.rglob(f"samples_{t}_*.jsonl")).open()]
+               for t in tasks}
+    return results, samples
+
+
+def lm_eval_api(pretrained: Path, adapter: Path | None, tasks_dir: Path, tasks: list[str]
+                ) -> tuple[dict, dict[str, list[dict]]]:
+    """The same through the harness's Python entry point, the model loaded by the harness
+    from its path (in-process: half the start-up time of the command line)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    args = {"pretrained": str(pretrained), "dtype": "bfloat16", "device": "cpu",
+            **({"peft": str(adapter)} if adapter else {})}
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=args, tasks=tasks, batch_size=8, log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    return results, results["samples"]
+
+
+@pytest.mark.slow
+def test_pipeline_numbers_equal_lm_eval_simple_evaluate(samples, tiny_model, tmp_path, monkeypatch):
+    from tests.adapter_fixture import make_adapter
+    root, files = samples
+    adapter = make_adapter(str(tiny_model), tmp_path / "adapter", steps=12, lr=0.1)
+    shots = {"medqa_4options": 2, "mmlu_anatomy": 5, "pubmedqa": 1}
+    benches = [{"task": t, "path": files[t]["path"], "num_fewshot": shots.get(t, 0),
+                "fewshot_path": files[t]["fewshot_path"] if t in shots else None,
+                "limit": 6 if t == "medmcqa" else None} for t in ALL_TASKS]
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    doc["evaluate"]["benchmarks"], doc["evaluate"]["benchmark_batch_size"] = benches, 8
+    params = build_params(doc)
+    monkeypatch.chdir(root)  # stages run from the project root; benchmark paths are relative
+    result = bm.benchmark(params, adapter, "data/benchmarks", tmp_path / "out",
+                          tmp_path / "benchmark.json")
+    assert sorted(result["tasks"]) == sorted(ALL_TASKS)
+    assert result["items"] == 8 * 8 + 6
+    assert result["tasks"]["medqa_4options"]["num_fewshot"] == 2
+    items = {t: [json.loads(line) for line in (tmp_path / f"out/items/{t}.jsonl").open()]
+             for t in ALL_TASKS}
+    # The adapter is really attached: some choice's log-likelihood moves.
+    assert any(i["base"]["loglikelihoods"] != i["adapter"]["loglikelihoods"]
+               for rows in items.values() for i in rows)
+
+    base_nf4 = bm.save_quantized_base(adapter, tmp_path / "base-nf4")
+    for name, peft in (("adapter", adapter), ("base", None)):
+        harness, logged = lm_eval_api(base_nf4, peft, tmp_path / "out/tasks", list(ALL_TASKS))
+        for task in ALL_TASKS:
+            assert bm.task_scores(harness, task) == result["tasks"][task][name], (name, task)
+            assert harness["n-samples"][task]["effective"] == result["tasks"][task]["n"]
+            assert harness["n-shot"][task] == result["tasks"][task]["num_fewshot"]
+            theirs = sorted(logged[task], key=lambda s: s["doc_id"])
+            assert [s["target"] for s in theirs] == [i["target"] for i in items[task]]
+            for mine, their in zip(items[task], theirs):
+                assert mine[name]["loglikelihoods"] == pytest.approx(
+                    [float(r[0]) for r in their["filtered_resps"]], abs=1e-6)
+
+
+def test_model_card_table_states_the_protocol():
+    from medqlora.modelcard import _benchmarks
+    block = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05}
+    text = _benchmarks({"lm_eval_version": "0.4.13", "tasks": {"medqa_4options": {
+        "n": 1273, "num_fewshot": 0, "version": "Yaml", "file": "data/benchmarks/medqa/test.jsonl",
+        "items_in_file": 1273, "sha256": "ab" * 32, "fewshot_file": None,
+        "base": {**block, "acc": 0.4}, "adapter": block, "delta": {"acc": 0.1, "acc_norm": 0.0},
+        "prompt_lines": ["Question: <question>", "Answer:"]}}})
+    assert "lm-evaluation-harness 0.4.13" in text
+    assert "| medqa_4options | 1273 | 0 | acc | 0.400 ± 0.100 | 0.500 ± 0.100 | +0.100 |" in text
+    assert "| | | | acc_norm | 0.250 ± 0.050 | 0.250 ± 0.050 | +0.000 |" in text
+    assert ("`medqa_4options` version Yaml, `data/benchmarks/medqa/test.jsonl` (1273 items, "
+            "sha256 `abababababababab…`); zero-shot:") in text
+    assert "  Question: <question>\n  Answer:" in text
+    assert "No standard benchmark was run" in _benchmarks({"tasks": {}})
+
+
+def test_evaluate_stage_lists_every_evaluate_key_but_the_benchmark_ones():
+    # dvc.yaml cannot say "evaluate except benchmarks": the evaluate stage names its keys one
+    # by one, so a new evaluate key must be listed there too (else changing it re-runs nothing).
+    from medqlora.config import load_schema
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    keys = set(load_schema()["properties"]["evaluate"]["properties"]) - {
+        "benchmarks", "benchmark_batch_size"}
+    assert set(stages["evaluate"]["params"]) == {"seed"} | {f"evaluate.{k}" for k in keys}
+    assert set(stages["benchmark"]["params"]) == {
+        "evaluate.benchmarks", "evaluate.benchmark_batch_size", "evaluate.compare_base"}
+    assert "data/benchmarks" in stages["benchmark"]["deps"]
+    assert "metrics/benchmark.json" in stages["package"]["deps"]
