@@ -388,15 +388,9 @@ def write_task_folder(prepared: list[Prepared], out: Path) -> Path:
 # ---------------------------------------------------------------- scoring
 
 def load_shipped_model(adapter_dir: str | Path):
-    """(peft model, tokenizer, adapter meta): the 4-bit base of the adapter's meta.json, as
-    train loaded it, with the adapter attached (what the package ships)."""
-    from medqlora.modeling import load_adapter, load_base, saved_tokenizer, settings_from_meta
-    meta = read_meta(adapter_dir)
-    model_params, quant, precision = settings_from_meta(meta)
-    tokenizer = saved_tokenizer(adapter_dir, model_params)
-    model = load_adapter(load_base(model_params, quant, precision), adapter_dir)
-    model.eval()
-    return model, tokenizer, meta
+    """(peft model, tokenizer, adapter meta): the 4-bit base + adapter as the package ships it (modeling.load_shipped)."""
+    from medqlora.modeling import load_shipped
+    return load_shipped(adapter_dir)
 
 
 def save_quantized_base(adapter_dir: str | Path, out: str | Path) -> Path:

@@ -91,14 +91,9 @@ def prompt_ids(row: dict[str, Any]) -> list[int]:
 
 
 def load_models(adapter_dir: str | Path):
-    """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json."""
-    from medqlora.modeling import load_adapter, load_base, saved_tokenizer, settings_from_meta
-    meta = read_meta(adapter_dir)
-    model_params, quant, precision = settings_from_meta(meta)
-    tokenizer = saved_tokenizer(adapter_dir, model_params)
-    model = load_adapter(load_base(model_params, quant, precision), adapter_dir)
-    model.eval()
-    return model, tokenizer, meta
+    """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json (modeling.load_shipped)."""
+    from medqlora.modeling import load_shipped
+    return load_shipped(adapter_dir)
 
 
 # ---------------------------------------------------------------- scoring

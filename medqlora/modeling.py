@@ -227,3 +227,16 @@ def settings_from_meta(meta: dict[str, Any]) -> LoadSettings:
     mixed = "bf16" if trained.get("bf16") else ("fp16" if trained.get("fp16") else "no")
     precision = resolve_precision(replace(quant, bnb_4bit_compute_dtype=compute), mixed)
     return LoadSettings(model, quant, precision)
+
+
+def load_shipped(adapter_dir: str | Path):
+    """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json, as
+    train loaded it (4-bit, same compute dtype), with the adapter attached: what a package ships
+    and what evaluate and the benchmarks score."""
+    from medqlora.provenance import read_meta
+    meta = read_meta(adapter_dir)
+    model_params, quant, precision = settings_from_meta(meta)
+    tokenizer = saved_tokenizer(adapter_dir, model_params)
+    model = load_adapter(load_base(model_params, quant, precision), adapter_dir)
+    model.eval()
+    return model, tokenizer, meta
