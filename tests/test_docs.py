@@ -68,7 +68,7 @@ def test_readme_commands_run_in_a_fresh_shell():
     proc = fresh_shell(lines, ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "preflight: models/tiny-med-llama" in proc.stdout
-    for stage in ("prepare", "train", "evaluate", "merge", "package"):
+    for stage in ("prepare", "train", "evaluate", "benchmark", "merge", "package"):
         assert stage in proc.stdout, proc.stdout
 
 
@@ -97,7 +97,7 @@ def test_readme_block_with_the_experiment_in_a_reproduced_workspace(workspace):
     proc = fresh_shell(readme_block(), workspace, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([\w-]+)'", proc.stdout))
-    assert ran == {"train", "evaluate", "merge", "package"}, proc.stdout[-3000:]
+    assert ran == {"train", "evaluate", "benchmark", "merge", "package"}, proc.stdout[-3000:]
     show = json.loads(run(["dvc", "exp", "show", "--json"], workspace).stdout)
     # [workspace, baseline commit]; the baseline lists its experiments, each with its revs.
     baseline = next(rev for rev in show if rev["rev"] != "workspace")
@@ -106,4 +106,5 @@ def test_readme_block_with_the_experiment_in_a_reproduced_workspace(workspace):
     experiments = [r for exp in baseline.get("experiments") or [] for r in exp["revs"]]
     (r8,) = [r for r in experiments
              if r["data"]["params"]["params.yaml"]["data"]["lora"]["r"] == 8]
-    assert {"metrics/evaluate.json", "metrics/train.json"} <= set(r8["data"]["metrics"])
+    assert {"metrics/evaluate.json", "metrics/train.json", "metrics/benchmark.json"} <= set(
+        r8["data"]["metrics"])
