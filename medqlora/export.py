@@ -262,11 +262,12 @@ def stage_base(package: Path, out: Path, template: str) -> Path:
     from medqlora.packaging import package_settings
     model_params, quant, precision = package_settings(package)
     base = read_json(package / "adapter_config.json")["base_model_name_or_path"]
-    settings = (dataclasses.replace(model_params, base=base), quant, precision)
+    settings = modeling.LoadSettings(dataclasses.replace(model_params, base=base), quant,
+                                     precision)
     weights = None
     if quant.load_in_4bit:
         weights = merging.dequantized_weights(modeling.load_base(*settings))
-    model = merging.plain_base(settings, weights)
+    model = merging.plain_base(settings, weights, precision.compute_dtype)
     model.save_pretrained(str(out))
     _stage_tokenizer(package, out, template)
     return out
