@@ -388,7 +388,8 @@ def write_task_folder(prepared: list[Prepared], out: Path) -> Path:
 # ---------------------------------------------------------------- scoring
 
 def load_shipped_model(adapter_dir: str | Path):
-    """(peft model, tokenizer, adapter meta): the 4-bit base + adapter as the package ships it (modeling.load_shipped)."""
+    """(peft model, tokenizer, adapter meta): the 4-bit base + adapter as the package ships it
+    (modeling.load_shipped)."""
     from medqlora.modeling import load_shipped
     return load_shipped(adapter_dir)
 

@@ -43,14 +43,16 @@ import torch
 from medqlora import metrics
 from medqlora.config import Params
 from medqlora.generation import GenerationSettings, generate_tokens
+from medqlora.memory import EVAL_NLL_TOKENS
 from medqlora.outputs import atomic_dir, write_json
 from medqlora.provenance import read_meta, write_meta
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 # Teacher-forced passes hold tokens x vocab float32 log-probabilities: 4,096 tokens x 128,256
-# (Llama-3) x 4 bytes = 2.1 GB, plus the bf16 logits. Rows are batched up to this many tokens.
-NLL_TOKENS = 4096
+# (Llama-3) x 4 bytes = 2.1 GB, plus the bf16 logits. Rows are batched up to this many tokens
+# (the memory model's evaluate estimate counts the same).
+NLL_TOKENS = EVAL_NLL_TOKENS
 OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)  # dataset.user_text: "B. <option>"
 SCALARS = ("perplexity", "bleu", "rouge_l", "diagnostic_accuracy", "parse_failure_rate")
 
@@ -91,7 +93,8 @@ def prompt_ids(row: dict[str, Any]) -> list[int]:
 
 
 def load_models(adapter_dir: str | Path):
-    """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json (modeling.load_shipped)."""
+    """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json
+    (modeling.load_shipped)."""
     from medqlora.modeling import load_shipped
     return load_shipped(adapter_dir)
 
