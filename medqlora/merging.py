@@ -295,9 +295,9 @@ def noise_floor(settings, ref: Reference, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def measure(settings, adapter_dir: Path, weights, dtype: torch.dtype, ref: Reference,
-            merge: MergeParams):
-    """Merge into `weights` (None: the original ones) and store in `dtype`; (model, report)."""
-    floor = noise_floor(settings, ref, dtype)
+            floor: dict[str, Any], merge: MergeParams):
+    """Merge into `weights` (None: the original ones) and store in `dtype`; (model, report).
+    `floor` is noise_floor's, the same for every merge of one run."""
     model, diagnostics = merged_model(settings, adapter_dir, weights, dtype, ref)
     stats = compare_logits(ref.logits, prompt_logits(model, ref.tokenizer, ref.prompts))
     # The unmerged model bounds what a merge can reach only when it holds the weights the
@@ -403,14 +403,16 @@ def run_merge(params: Params, data_dir: str | Path, adapter_dir: str | Path,
     ref = reference_pass(settings, adapter_dir, parity_prompts(data_dir, merge.parity_prompts))
     chosen = ref.weights if merge.into == "dequantized" else None
 
+    floor = noise_floor(settings, ref, dtype)  # one load, whichever weights are merged into
+
     alternative = None
     if ref.size <= CHEAP_PARAMETERS and ref.weights:
         other = None if merge.into == "dequantized" else ref.weights
-        model, alternative = measure(settings, adapter_dir, other, dtype, ref, merge)
+        model, alternative = measure(settings, adapter_dir, other, dtype, ref, floor, merge)
         alternative = {"into": "original" if other is None else "dequantized", **alternative}
         _free(model)
 
-    model, report = measure(settings, adapter_dir, chosen, dtype, ref, merge)
+    model, report = measure(settings, adapter_dir, chosen, dtype, ref, floor, merge)
     metrics = {
         "enabled": True, "into": merge.into, "dtype": merge.dtype, "merge_arithmetic": "float32",
         "compute_dtype": str(settings.precision.compute_dtype).removeprefix("torch."),
