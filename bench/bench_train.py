@@ -45,17 +45,21 @@ PARITY_TOL = 5e-3         # max |loss_fast - loss_ref| / loss_ref over the parit
 GIB = 2**30
 # Every fast-path switch, on; an ablation row turns one off.
 FAST = dict(enabled="on", fused_kernels=True, fused_cross_entropy=True, fused_lora=True,
-            frozen_in_compute_dtype=True, padding_free=True, checkpoint_policy="budget",
-            fused_optimizer=True)
+            frozen_in_compute_dtype=True, padding_free=True, varlen_attention=True,
+            checkpoint_policy="budget", fused_optimizer=True)
 
 
 # ---------------------------------------------------------------- rows
 
 def row(label, arch="mistral-7b", variant="medqlora", scenario="fixed", seq=2048, warmup=2,
-        steps=4, layers=None, dropout=0.05, **fast):
-    """One measurement: a model, a recipe, a data scenario."""
+        steps=4, layers=None, dropout=0.05, packed=None, **fast):
+    """One measurement: a model, a recipe, a data scenario. `packed`: the rows are prepare's
+    packed rows (data.packing: examples best-fit into rows of `seq` tokens); by default the
+    medqlora rows of the medical scenario are (the example recipe packs), the reference's not."""
+    if packed is None:
+        packed = variant == "medqlora" and scenario == "medical"
     return dict(label=label, arch=arch, variant=variant, scenario=scenario, seq=seq,
-                warmup=warmup, steps=steps, layers=layers, dropout=dropout,
+                warmup=warmup, steps=steps, layers=layers, dropout=dropout, packed=packed,
                 fast={**FAST, **fast})
 
 
@@ -70,19 +74,26 @@ def suite(name: str) -> list[dict]:
                  row("fast - fused AdamW", fused_optimizer=False, **short)]
     parity = [row("parity ref", variant="reference", seq=256, warmup=0, steps=20, dropout=0.0),
               row("parity fast", seq=256, warmup=0, steps=20, dropout=0.0)]
+    # The same micro-batches in both (unpacked): padded rows + sdpa vs one padding-free row +
+    # varlen attention, so the losses are comparable step by step.
+    parity_medical = [row("parity ref", variant="reference", scenario="medical", warmup=0,
+                          steps=20, dropout=0.0),
+                      row("parity fast", scenario="medical", warmup=0, steps=20, dropout=0.0,
+                          packed=False)]
     main = [row("reference", variant="reference"), row("medqlora fast")]
-    extra = [row("reference", arch="llama-3-8b", variant="reference"),
-             row("medqlora fast", arch="llama-3-8b"),
-             row("reference", variant="reference", scenario="medical"),
-             row("medqlora fast", scenario="medical"),
-             row("fast - padding-free", scenario="medical", padding_free=False)]
+    medical = [row("reference", variant="reference", scenario="medical"),
+               row("medqlora fast", scenario="medical"),
+               row("fast - varlen", scenario="medical", varlen_attention=False)]
+    llama_pair = [row("reference", arch="llama-3-8b", variant="reference"),
+                  row("medqlora fast", arch="llama-3-8b")]
+    extra = llama_pair + medical
     if name == "cpu-check":
         tiny = dict(arch="tiny", warmup=1, steps=1, seq=48)
         return [row("reference", variant="reference", **tiny), row("medqlora fast", **tiny),
                 row("reference", variant="reference", scenario="medical", **tiny),
                 row("medqlora fast", scenario="medical", **tiny),
-                row("parity ref", variant="reference", dropout=0.0, **tiny),
-                row("parity fast", dropout=0.0, **tiny)]
+                row("parity ref", variant="reference", scenario="medical", dropout=0.0, **tiny),
+                row("parity fast", scenario="medical", dropout=0.0, packed=False, **tiny)]
     if name == "smoke":
         small = dict(layers=2, warmup=1, steps=2)
         return [row("reference", variant="reference", **small),
@@ -98,8 +109,10 @@ def suite(name: str) -> list[dict]:
                 row("parity fast", seq=256, warmup=0, steps=3, dropout=0.0, layers=2)]
     llama = [row("reference", arch="llama-3-8b", variant="reference"),
              row("fast, ckpt all", arch="llama-3-8b", checkpoint_policy="all")]
-    return {"llama": llama, "main": main + ablations[:5] + parity, "extra": main + extra + ablations[5:],
-            "all": main + extra + ablations + parity}[name]
+    return {"llama": llama, "main": main + ablations[:5] + parity,
+            "extra": main + extra + ablations[5:],
+            "medical": medical[:2] + parity_medical, "fixed": main + llama_pair + medical[2:],
+            "all": main + extra + ablations + parity + parity_medical}[name]
 
 
 # ---------------------------------------------------------------- data
@@ -115,15 +128,28 @@ def lengths_for(scenario: str, count: int, seq: int, seed: int) -> list[int]:
     return [int(v) for v in np.clip(drawn, 32, seq)]
 
 
-def make_rows(scenario: str, count: int, seq: int, vocab: int, seed: int = SEED) -> list[dict]:
-    """Random-token training rows (labels = inputs: every token trained)."""
+def make_rows(scenario: str, count: int, seq: int, vocab: int, seed: int = SEED,
+              packed: bool = False) -> list[dict]:
+    """`count` random-token training rows (labels = inputs: every token trained). packed:
+    rows of up to `seq` tokens filled best-fit with examples by prepare's own packer
+    (medqlora.dataset.pack), in a seeded random order."""
+    import random
+
     import torch
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for size in lengths_for(scenario, count, seq, seed):
+    draw = count * (seq // 350 + 2) if packed else count   # ~4 medical examples a 2048 row
+    examples = []
+    for i, size in enumerate(lengths_for(scenario, draw, seq, seed)):
         ids = torch.randint(3, vocab, (size,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "labels": list(ids)})
-    return rows
+        examples.append({"input_ids": ids, "labels": list(ids), "length": size, "id": f"{i:07d}"})
+    if not packed:
+        return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    from medqlora.dataset import pack
+    rows = pack(examples, seq)
+    random.Random(seed).shuffle(rows)
+    assert len(rows) >= count, (len(rows), count)
+    return [{k: r[k] for k in ("input_ids", "labels", "position_ids", "seq_lens")}
+            for r in rows[:count]]
 
 
 @dataclasses.dataclass
@@ -134,7 +160,7 @@ class Counting:
 
     def __call__(self, rows):
         batch = self.inner(rows)
-        sizes = [len(r["input_ids"]) for r in rows]
+        sizes = [n for r in rows for n in r.get("seq_lens", [len(r["input_ids"])])]
         self.log.append((sum(sizes), batch["input_ids"].numel(), sum(s * s for s in sizes)))
         return batch
 
@@ -252,7 +278,8 @@ def run_row(spec: dict, budget_gib: float | None) -> dict:
     counting = Counting(collator)
     total = spec["warmup"] + spec["steps"]
     vocab = ARCHS[spec["arch"]]["vocab_size"]
-    data = make_rows(spec["scenario"], total * BATCH * ACCUM, spec["seq"], vocab)
+    data = make_rows(spec["scenario"], total * BATCH * ACCUM, spec["seq"], vocab,
+                     packed=spec["packed"])
     times: list[float] = []
 
     cuda = torch.cuda.is_available()
@@ -281,6 +308,7 @@ def run_row(spec: dict, budget_gib: float | None) -> dict:
                   is False and type(m).__name__.endswith("DecoderLayer"))
     return {
         **spec, "budget_gib": budget_gib, "build_s": build_s, "step_s": timed,
+        "attention": getattr(model.config, "_attn_implementation", None),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "tokens": sum(m[0] for m in micro), "positions": sum(m[1] for m in micro),
         "sum_sq": sum(m[2] for m in micro),
@@ -329,7 +357,7 @@ def summarize(res: dict, ref: dict | None) -> dict:
            "peak alloc GiB": res["peak_alloc_gib"], "peak reserved GiB": res["peak_reserved_gib"],
            "x ref": None, "MFU %": 100 * model_flops(res) / seconds / PEAK_FLOPS,
            "padding waste %": 100 * (1 - res["tokens"] / res["positions"]),
-           "no-recompute layers": res["layers_not_recomputed"]}
+           "no-recompute layers": res["layers_not_recomputed"], "attention": res.get("attention")}
     if ref is not None:
         out["x ref"] = tps / (ref["tokens"] / sum(ref["step_s"]))
     return out
@@ -346,24 +374,40 @@ def table(rows: list[dict]) -> str:
 
 
 def parity(results: list[dict]) -> str:
-    """Loss parity of the 'parity' pair: per-step relative difference against PARITY_TOL."""
-    pair = {r["variant"]: r for r in results if r["label"].startswith("parity")}
-    if len(pair) < 2:
-        return "parity: not run"
-    ref, fast = pair["reference"]["losses"], pair["medqlora"]["losses"]
-    rel = [abs(f - r) / abs(r) for r, f in zip(ref, fast)]
-    verdict = "PASS" if rel and max(rel) <= PARITY_TOL else "FAIL"
-    return (f"parity ({len(rel)} steps, seq {pair['medqlora']['seq']}, lora_dropout 0 in both, "
-            f"same seed/data): max |rel diff| {max(rel):.2e} (tol {PARITY_TOL:.0e}) {verdict}\n"
+    """Loss parity of each 'parity' pair (one per scenario): per-step relative difference
+    against PARITY_TOL."""
+    pairs: dict[str, dict] = {}
+    for r in results:
+        if r["label"].startswith("parity"):
+            pairs.setdefault(r["scenario"], {})[r["variant"]] = r
+    lines = []
+    for scenario, pair in pairs.items():
+        if len(pair) < 2:
+            continue
+        ref, fast = pair["reference"]["losses"], pair["medqlora"]["losses"]
+        rel = [abs(f - r) / abs(r) for r, f in zip(ref, fast)]
+        verdict = "PASS" if rel and max(rel) <= PARITY_TOL else "FAIL"
+        lines.append(
+            f"parity {scenario} ({len(rel)} steps, seq {pair['medqlora']['seq']}, lora_dropout 0 "
+            f"in both, same seed/data/micro-batches): max |rel diff| {max(rel):.2e} "
+            f"(tol {PARITY_TOL:.0e}) {verdict}\n"
             f"  ref : {' '.join(f'{v:.4f}' for v in ref)}\n"
             f"  fast: {' '.join(f'{v:.4f}' for v in fast)}")
+    return "\n".join(lines) or "parity: not run"
 
 
 # ---------------------------------------------------------------- driver
 
+def ref_key(spec: dict) -> tuple:
+    """Which reference a row is compared with (and takes its memory budget from)."""
+    return (spec["arch"], spec["scenario"], spec["seq"], spec["layers"],
+            spec["label"].startswith("parity"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="all", choices=["all", "main", "extra", "llama", "smoke", "cpu-check"])
+    parser.add_argument("--suite", default="all", choices=["all", "main", "extra", "medical", "fixed",
+                                                           "llama", "smoke", "cpu-check"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)       # child process: one row (json)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
@@ -375,7 +419,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, refs = [], {}
     for spec in suite(args.suite):
-        key = (spec["arch"], spec["scenario"], spec["seq"], spec["layers"])
+        key = ref_key(spec)
         ref = refs.get(key)
         budget = ref["peak_alloc_gib"] if ref and ref["peak_alloc_gib"] > 0 else None
         cmd = [sys.executable, __file__, "--row", json.dumps(spec)]
@@ -399,7 +443,7 @@ def main(argv=None) -> int:
         return 1
     rows = []
     for res in results:
-        key = (res["arch"], res["scenario"], res["seq"], res["layers"])
+        key = ref_key(res)
         rows.append(summarize(res, refs.get(key) if res["variant"] != "reference" else None))
     first = results[0]
     report = (f"device: {first['device']}; versions: {json.dumps(first['versions'])}\n"

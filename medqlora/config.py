@@ -116,6 +116,7 @@ class FastPathParams:
     fused_lora: bool
     frozen_in_compute_dtype: bool
     padding_free: bool
+    varlen_attention: bool
     checkpoint_policy: str
     fused_optimizer: bool
 

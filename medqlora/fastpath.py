@@ -16,7 +16,10 @@ micro-batch (U = one bf16 tokens x hidden tensor = 8192 x 4096 x 2 B = 64 MiB):
 - fused_lora: peft computes base(x).clone() + B(A(drop(x))) * s in four passes over the output;
   here the scaled add is the GEMM's epilogue (torch.addmm, beta=1, alpha=s).
 - padding_free: a micro-batch of variable-length examples becomes one row with per-example
-  position ids; transformers turns those into a block-diagonal causal mask.
+  position ids; packed rows (data.packing) are padded to data.max_seq_length instead of to the
+  micro-batch's longest, so every micro-batch has one shape (no per-shape kernel plans).
+- varlen_attention (medqlora/attention.py): attention within each example only, PyTorch's
+  varlen flash kernel on CUDA, instead of sdpa over the whole row under a block-diagonal mask.
 - checkpoint_policy=budget: memory the above saves buys un-checkpointed layers (no recompute).
 - fused_optimizer: adamw_torch -> adamw_torch_fused (the same update in one kernel).
 Everything GPU-only is imported lazily and guarded, so the CPU path and CI never need it.
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 
+from medqlora import attention
 from medqlora.config import FastPathParams
 from medqlora.memory import layers_within_budget
 
@@ -49,6 +53,7 @@ class Plan:
     fused_lora: bool
     frozen_in_compute_dtype: bool
     padding_free: bool
+    varlen_attention: bool
     checkpoint_policy: str
     fused_optimizer: bool
     notes: tuple[str, ...]
@@ -57,8 +62,8 @@ class Plan:
     def any(self) -> bool:
         """True when at least one switch changes something."""
         return any((self.fused_kernels, self.fused_cross_entropy, self.fused_lora,
-                    self.frozen_in_compute_dtype, self.padding_free, self.fused_optimizer,
-                    self.checkpoint_policy != "all"))
+                    self.frozen_in_compute_dtype, self.padding_free, self.varlen_attention,
+                    self.fused_optimizer, self.checkpoint_policy != "all"))
 
 
 def liger_available() -> bool:
@@ -70,7 +75,7 @@ def resolve(fast: FastPathParams, device: str) -> Plan:
     """Which switches run on `device` (auto: CUDA only), with a note for each one skipped."""
     on = fast.enabled == "on" or (fast.enabled == "auto" and device == "cuda")
     if not on:
-        return Plan(False, False, False, False, False, "all", False, ())
+        return Plan(False, False, False, False, False, False, "all", False, ())
     notes = []
     want_liger = fast.fused_kernels or fast.fused_cross_entropy
     liger_ok = device == "cuda" and liger_available()
@@ -80,7 +85,7 @@ def resolve(fast: FastPathParams, device: str) -> Plan:
     fused_opt = fast.fused_optimizer and device == "cuda"
     return Plan(fast.fused_kernels and liger_ok, fast.fused_cross_entropy and liger_ok,
                 fast.fused_lora, fast.frozen_in_compute_dtype, fast.padding_free,
-                fast.checkpoint_policy, fused_opt, tuple(notes))
+                fast.varlen_attention, fast.checkpoint_policy, fused_opt, tuple(notes))
 
 
 # ---------------------------------------------------------------- frozen weights in bf16
@@ -162,31 +167,69 @@ def fuse_lora(model) -> int:
 
 @dataclass
 class PaddingFree:
-    """Wraps a padding collator: a micro-batch of unequal rows becomes one row, no padding.
+    """Wraps a padding collator: micro-batches without padding, or padded to one shape.
 
-    input_ids and labels are concatenated; position_ids restart at 0 for each example, from
-    which transformers builds a block-diagonal causal mask (examples never see each other).
-    The first label of every example after the first is set to -100: the previous example's
-    last token must not be trained to predict it. A plain row's first label is never used
-    either (the loss shifts labels by one), so the set of trained tokens is the same.
-    Batches that are already packed, or that padding would barely grow, go to `inner`.
+    - Unpacked rows of unequal length: concatenated into one row; position_ids restart at 0
+      for each example, so attention stays within it (examples never see each other). The
+      first label of every example after the first is set to -100: the previous example's
+      last token must not be trained to predict it. A plain row's first label is never used
+      either (the loss shifts labels by one), so the set of trained tokens is the same.
+      Batches that padding would barely grow go to `inner`.
+    - Packed rows (prepare's train_packed.parquet, with position_ids): padded to `pad_to`
+      (data.max_seq_length), so every micro-batch has the same shape; the padding is one more
+      example (positions 0..k-1, labels -100).
+    With `boundaries`, the batch also carries where each example starts
+    (attention.document_boundaries), which the varlen attention reads. `real_tokens` and
+    `positions` count what was collated: their ratio is the packing efficiency.
     """
     inner: Any
     min_saving: float = MIN_PADDING_SAVING
+    pad_to: int | None = None
+    boundaries: bool = False
+    real_tokens: int = 0
+    positions: int = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(row["input_ids"]) for row in rows]
-        padded = max(lengths) * len(rows)
-        if "position_ids" in rows[0] or 1 - sum(lengths) / padded < self.min_saving:
-            return self.inner(rows)
+        if "position_ids" in rows[0]:
+            batch = self._padded_packed(rows, max(max(lengths), self.pad_to or 0))
+        elif 1 - sum(lengths) / (max(lengths) * len(rows)) < self.min_saving:
+            batch = self.inner(rows)
+        else:
+            batch = self._one_row(rows)
+        self.real_tokens += sum(lengths)
+        self.positions += batch["input_ids"].numel()
+        if self.boundaries and "position_ids" in batch:
+            batch.update(attention.document_boundaries(batch["position_ids"]))
+        return batch
+
+    @property
+    def efficiency(self) -> float | None:
+        """Real tokens / positions computed, over every micro-batch so far."""
+        return self.real_tokens / self.positions if self.positions else None
+
+    def _padded_packed(self, rows, width: int) -> dict[str, torch.Tensor]:
+        pad_id = self.inner.pad_token_id
         ids, labels, positions = [], [], []
-        for row, size in zip(rows, lengths):
+        for row in rows:
+            pad = width - len(row["input_ids"])
+            ids.append(list(row["input_ids"]) + [pad_id] * pad)
+            labels.append(list(row["labels"]) + [-100] * pad)
+            positions.append(list(row["position_ids"]) + list(range(pad)))
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_long(ids), "labels": as_long(labels),
+                "position_ids": as_long(positions)}
+
+    @staticmethod
+    def _one_row(rows) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for row in rows:
             row_labels = list(row["labels"])
             if labels:
                 row_labels[0] = -100
             ids.extend(row["input_ids"])
             labels.extend(row_labels)
-            positions.extend(range(size))
+            positions.extend(range(len(row["input_ids"])))
         as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
         return {"input_ids": as_row(ids), "labels": as_row(labels),
                 "position_ids": as_row(positions)}
@@ -245,8 +288,13 @@ def apply(model, params, args, collator, device: str | None = None):
         done.append(f"liger kernels={plan.fused_kernels} fused CE={plan.fused_cross_entropy}")
     if plan.fused_lora:
         done.append(f"fused LoRA on {fuse_lora(model)} layers")
+    varlen = plan.varlen_attention and \
+        getattr(model.config, "_attn_implementation", None) in ("sdpa", attention.NAME)
+    if varlen:
+        attention.use_varlen(model)
+        done.append(f"varlen attention ({attention.kernel_name(device)})")
     if plan.padding_free:
-        collator = PaddingFree(collator)
+        collator = PaddingFree(collator, pad_to=params.data.max_seq_length, boundaries=varlen)
         done.append("padding-free batches")
     if plan.fused_optimizer and str(getattr(args.optim, "value", args.optim)) == "adamw_torch":
         args = dataclasses.replace(args, optim="adamw_torch_fused")

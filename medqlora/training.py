@@ -530,6 +530,9 @@ def train_metrics(trainer, plan: Plan, resumed: ResumePoint | None, seconds: flo
                               if seconds and tokens > tokens_at_resume else None),
         "step_seconds_median": trainer.step_clock.median() if hasattr(trainer, "step_clock")
         else None,
+        # real tokens / positions computed, over the micro-batches the fast path's collator
+        # made (training and validation); None when the plain collator ran
+        "packing_efficiency": getattr(trainer.data_collator, "efficiency", None),
         "peak_memory_gib": peak_memory_gib(device),
         # every process's peak, rank order (collective: all ranks compute metrics)
         "peak_memory_gib_per_process": launch.gather(peak_memory_gib(device)),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from medqlora import config, fastpath, memory, modeling, training
+from medqlora import attention, config, fastpath, memory, modeling, training
 from tests.conftest import ROOT, TINY_MODEL
 
 
@@ -57,16 +57,25 @@ def _loss_and_grads(params, fast: bool, rows, tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_path_matches_plain_path_on_cpu(tmp_path, tiny_model):
+def test_fast_path_matches_plain_path_on_cpu(tmp_path, tiny_model, monkeypatch):
+    calls = []
+    reference = attention.reference_varlen
+    monkeypatch.setattr(attention, "reference_varlen",
+                        lambda q, k, v, cu, *a, **kw: calls.append(cu.tolist()) or
+                        reference(q, k, v, cu, *a, **kw))
     params = _params(checkpoint_policy="none")
     vocab = yaml.safe_load((tiny_model / "config.json").read_text())["vocab_size"]
     rows = _rows([7, 19, 11, 30], vocab)
     plain_loss, plain_grads, plain_batch, _ = _loss_and_grads(_params(enabled="off"), False,
                                                               rows, tmp_path)
     fast_loss, fast_grads, fast_batch, model = _loss_and_grads(params, True, rows, tmp_path)
-    # The fast batch really is one row of 67 real tokens (plain: 4 x 30 = 120 positions).
+    # The fast batch really is one row of 67 real tokens (plain: 4 x 30 = 120 positions),
+    # whose attention ran example by example (the varlen contract; sdpa per example on CPU).
     assert plain_batch["input_ids"].shape == (4, 30)
     assert fast_batch["input_ids"].shape == (1, 67)
+    assert fast_batch["cu_seq_lens_q"].tolist() == [0, 7, 26, 37, 67]
+    assert model.config._attn_implementation == attention.NAME
+    assert calls == [[0, 7, 26, 37, 67]] * model.config.num_hidden_layers
     # Fused LoRA and the checkpoint policy really were applied.
     assert all(hasattr(m, "_peft_forward") for m in model.modules()
                if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A"))
@@ -92,13 +101,30 @@ def test_padding_free_collation_exact():
     assert set(fastpath.PaddingFree(inner)(same)) == {"input_ids", "labels", "attention_mask"}
 
 
+def test_packed_rows_padded_to_one_shape_with_boundaries():
+    # prepare's packed rows (position ids restart per example) of 5 and 3 real tokens, padded
+    # to max_seq_length 6: every micro-batch is (2, 6); the padding is its own "example".
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9],
+             "position_ids": [0, 1, 2, 0, 1]},
+            {"input_ids": [3, 4, 5], "labels": [3, 4, 5], "position_ids": [0, 1, 2]}]
+    collate = fastpath.PaddingFree(training.Collator(pad_token_id=0), pad_to=6, boundaries=True)
+    batch = collate(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [3, 4, 5, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100], [3, 4, 5, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 0, 1, 2]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 9, 12]
+    assert batch["max_length_q"] == 3
+    assert collate.efficiency == pytest.approx(8 / 12)
+
+
 def test_resolve_auto_is_off_on_cpu_and_notes_gpu_only_parts():
-    fast = config.FastPathParams("auto", True, True, True, True, True, "budget", True)
+    fast = config.FastPathParams("auto", True, True, True, True, True, True, "budget", True)
     assert not fastpath.resolve(fast, "cpu").any
     on_cpu = fastpath.resolve(dataclasses.replace(fast, enabled="on"), "cpu")
     assert (on_cpu.fused_kernels, on_cpu.fused_cross_entropy, on_cpu.fused_optimizer) == (
         False, False, False)
-    assert on_cpu.fused_lora and on_cpu.padding_free and len(on_cpu.notes) == 1
+    assert on_cpu.fused_lora and on_cpu.padding_free and on_cpu.varlen_attention
+    assert len(on_cpu.notes) == 1
     assert not fastpath.resolve(dataclasses.replace(fast, enabled="off"), "cuda").any
 
 
