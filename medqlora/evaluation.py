@@ -304,24 +304,6 @@ def prediction_rows(rows, outputs: dict[str, list[str] | None],
     return out
 
 
-def contamination_report(data_dir: str | Path, rows) -> dict[str, Any] | None:
-    """8-gram overlap of each scored test item's prompt + reference with the train split.
-
-    None (with a warning) when the data folder has no train.parquet to compare with.
-    """
-    import pandas as pd
-    path = Path(data_dir) / "train.parquet"
-    if not path.is_file():
-        log.warning("contamination: %s missing; no overlap report", path)
-        return None
-    train = pd.read_parquet(path, columns=["prompt", "reference"])
-    report = metrics.contamination([r["prompt"] + " " + r["reference"] for r in rows],
-                                   (train["prompt"] + " " + train["reference"]).tolist(), n=8)
-    log.info("contamination: %d of %d test items share an 8-gram with train (max overlap %.2f)",
-             report["items_with_overlap"], len(rows), report["max_overlap"])
-    return report
-
-
 def evaluate(params: Params, data_dir: str | Path, adapter_dir: str | Path,
              predictions_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
     """Score base and base + adapter; write predictions/ and the metrics JSON; return it."""
@@ -350,7 +332,6 @@ def evaluate(params: Params, data_dir: str | Path, adapter_dir: str | Path,
         "adapter": summaries["adapter"],
         "delta": delta(summaries["base"], summaries["adapter"]) if cfg.compare_base else None,
         "generation": settings.as_dict(),
-        "contamination": contamination_report(data_dir, rows),
     }
     with atomic_dir(predictions_dir) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as handle:

@@ -245,19 +245,3 @@ def overlaps(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) 
         grams = ngrams(text, n)
         out.append(len(grams & seen) / len(grams) if grams else 0.0)
     return out
-
-
-def contamination(test_texts: Sequence[str], train_texts: Sequence[str], n: int = 8) -> dict:
-    """How much of each test item also appears in training data, as shared word n-grams.
-
-    Per item: overlap = share of its n-grams found anywhere in the train texts (an item
-    shorter than n words has none and counts as clean). Reports how many items share at least
-    one n-gram, their share of the test set and the largest per-item overlap.
-    E.g. 10 items, 2 sharing n-grams with train, one of them 6 of its 12: k=2, share 0.2,
-    max_overlap 0.5.
-    """
-    shares = overlaps(test_texts, train_texts, n)
-    hits = sum(o > 0 for o in shares)
-    return {"ngram": n, "items_with_overlap": hits,
-            "share": hits / len(shares) if shares else 0.0,
-            "max_overlap": max(shares, default=0.0)}

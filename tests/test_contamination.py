@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from medqlora.metrics import contamination, ngrams
+from medqlora.metrics import ngrams, overlaps
 
 TRAIN = ["The patient has iron deficiency anemia with a low ferritin level today.",
          "Hemoglobin 9.1 g/dL, MCV 70 fL: microcytic anemia."]
@@ -15,7 +15,7 @@ def test_ngrams_normalise_case_punctuation_and_width():
     assert ngrams("one two", 3) == set()
 
 
-def test_contamination_counts_items_and_max_overlap():
+def test_overlaps_share_of_each_items_ngrams_in_train():
     test = [
         # 12 words -> 5 8-grams; the first 8 words come from TRAIN[0] verbatim: 1 of 5 shared
         "the patient has iron deficiency anemia with a zzz yyy xxx www",
@@ -24,15 +24,8 @@ def test_contamination_counts_items_and_max_overlap():
         "an unrelated question about potassium levels in renal failure patients",
         "too short",
     ]
-    report = contamination(test, TRAIN, n=8)
-    assert report == {"ngram": 8, "items_with_overlap": 2, "share": 0.5, "max_overlap": 1.0}
-    assert contamination(test[:1], TRAIN, n=8)["max_overlap"] == pytest.approx(1 / 5)
-
-
-def test_no_overlap_and_empty_test():
-    assert contamination(["nothing in common at all with the training text here ok"], TRAIN) == {
-        "ngram": 8, "items_with_overlap": 0, "share": 0.0, "max_overlap": 0.0}
-    assert contamination([], TRAIN)["share"] == 0.0
+    assert overlaps(test, TRAIN, n=8) == pytest.approx([1 / 5, 1.0, 0.0, 0.0])
+    assert overlaps([], TRAIN) == []
 
 
 # ---------------------------------------------------------------- prepare: content only
