@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from medqlora import config, fastpath, memory, modeling, training
+from medqlora.collation import Collator
 from tests.conftest import ROOT, TINY_MODEL
 
 
@@ -43,7 +44,7 @@ def _loss_and_grads(params, fast: bool, rows, tmp_path):
     precision = modeling.resolve_precision(params.quantization, "no", device="cpu")
     torch.manual_seed(0)
     model = training.build_model(params, precision)
-    collator = training.Collator(pad_token_id=0)
+    collator = Collator(pad_token_id=0)
     if fast:
         args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                  per_device_train_batch_size=4, report_to="none")
@@ -78,7 +79,7 @@ def test_fast_path_matches_plain_path_on_cpu(tmp_path, tiny_model):
 
 
 def test_padding_free_collation_exact():
-    inner = training.Collator(pad_token_id=0)
+    inner = Collator(pad_token_id=0)
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
             {"input_ids": [8, 9], "labels": [8, 9]},
             {"input_ids": [4, 4, 4, 4, 4, 4], "labels": [4, 4, 4, 4, 4, 4]}]
