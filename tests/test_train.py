@@ -398,6 +398,15 @@ def test_short_run_learns_and_writes_a_safetensors_only_adapter(short_run, base,
     assert meta["base"] == {"id": str(base), "revision": None, "sha256": sha256_tree(base)}
     assert meta["inputs"]["prepared"]["sha256"] == sha256_tree(data)
     assert meta["precision"]["compute_dtype"] == "bfloat16"
+    # The run as it ran (RunContext): one CPU process, fast path off (auto: CUDA only), the
+    # optimizer of params.yaml, the attention kernel model.attn_implementation asked for.
+    assert meta["run"] == metrics["run"]
+    assert {k: meta["run"][k] for k in ("device", "world_size", "rank", "strategy", "optim",
+                                         "attn_implementation", "mixed_precision")} == {
+        "device": "cpu", "world_size": 1, "rank": 0, "strategy": "single",
+        "optim": "adamw_torch", "attn_implementation": "sdpa", "mixed_precision": "bf16"}
+    assert not any(v for k, v in meta["run"]["fast_path"].items()
+                   if k not in ("checkpoint_policy", "notes"))
     model, quant, precision = modeling.settings_from_meta(meta)
     assert model.base == str(base) and quant.load_in_4bit and precision.compute_dtype is torch.bfloat16
 
