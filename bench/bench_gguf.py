@@ -69,10 +69,10 @@ def main() -> None:
     from llama_cpp import Llama
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from medqlora import export, packaging
+    from medqlora import export, generation
     from medqlora.templates import format_prompt
     package = Path(args.package)
-    served, tokenizer = packaging.load_for_generation(package)
+    served, tokenizer = generation.load_for_generation(package)
     eos = tokenizer.eos_token_id
     prompts = [tokenizer(format_prompt(tokenizer, q))["input_ids"] for q in QUESTIONS]
     work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))

@@ -212,7 +212,7 @@ def reference(spec: dict, base, out_dir: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import TrainingArguments, set_seed
 
-    from medqlora.training import Collator
+    from medqlora.collation import Collator
     set_seed(SEED)
     model = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(
@@ -233,7 +233,7 @@ def medqlora_path(spec: dict, base, out_dir: str, budget_gib: float | None):
     import yaml
     from transformers import set_seed
 
-    from medqlora import config, fastpath, modeling, training
+    from medqlora import collation, config, fastpath, modeling, planning, run_context, training
     doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     doc["seed"] = SEED
     doc["data"]["max_seq_length"] = spec["seq"]
@@ -245,15 +245,16 @@ def medqlora_path(spec: dict, base, out_dir: str, budget_gib: float | None):
         max_steps=spec["warmup"] + spec["steps"], memory_budget_gib=budget_gib,
         fast_path=spec["fast"], init_adapter=None)
     params = config.build_params(doc)
-    precision = modeling.resolve_precision(params.quantization, "bf16")
+    ctx = run_context.build(params, modeling.resolve_precision(params.quantization, "bf16"))
     modeling.load_base = lambda *a, **k: base   # the random-init NF4 base instead of a download
     set_seed(params.seed)                        # as training.fit does before build_model
-    model = training.build_model(params, precision)
-    plan = training.make_plan(params, 10**6, precision.device, BATCH, ACCUM)
-    args = training.training_args(params, plan, precision, Path(out_dir), fresh=True)
+    model = training.build_model(params, ctx.precision)
+    plan = planning.make_plan(params, 10**6, BATCH, ACCUM)
+    args = training.training_args(params, ctx, plan, Path(out_dir), fresh=True)
     args = dataclasses.replace(args, eval_strategy="no", eval_on_start=False, save_strategy="no",
                                load_best_model_at_end=False, metric_for_best_model=None)
-    return fastpath.apply(model, params, args, training.Collator(pad_token_id=0))
+    return fastpath.apply(model, params, args, collation.Collator(pad_token_id=0),
+                          plan=ctx.fast_path)
 
 
 # ---------------------------------------------------------------- one row (child process)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -134,13 +133,16 @@ def problem(ckpt: Path) -> str | None:
     return None
 
 
-def latest_complete(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run; incomplete newer ones are moved aside."""
+def latest_complete(run_dir: Path, is_main: bool = True) -> Path | None:
+    """The newest complete checkpoint of a run; incomplete newer ones are moved aside.
+
+    `is_main`: this process is rank 0 (RunContext.is_main), the one that moves them.
+    """
     for ckpt in checkpoints(run_dir):
         why = problem(ckpt)
         if why is None:
             return ckpt
-        if os.environ.get("RANK", "0") != "0":
+        if not is_main:
             continue  # rank 0 moves it; every rank skips the same folder
         # Moved out of the checkpoint-N namespace so the Trainer's rotation (which counts
         # checkpoint-* folders) can neither pick it nor delete a good one because of it.

@@ -41,7 +41,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every file of a package against its manifest; name each problem."""
-    from medqlora.packaging import verify
+    from medqlora.manifest import verify
     problems = verify(args.dir)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -54,7 +54,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Answer prompts with a verified package (4-bit base + adapter, or the merged weights)."""
-    from medqlora.packaging import generate, read_prompts
+    from medqlora.generation import generate, read_prompts
     if _refuse_unverified(args.package):
         return 1
     try:
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _refuse_unverified(package) -> bool:
     """Print every problem of a package that fails `medqlora verify`; True when it does."""
-    from medqlora.packaging import verify
+    from medqlora.manifest import verify
     problems = verify(package)
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -45,8 +45,10 @@ class ParamsError(ValueError):
 
 
 # ---------------------------------------------------------------- typed settings
-# Field meanings live in the schema's descriptions (one source of truth); these classes give
-# the stages attribute access and types. Defaults are filled from the schema before building.
+# Params are declared once, in the schema (descriptions, types, defaults, enums, bounds); these
+# classes give the stages attribute access and types, and declare nothing else: defaults are
+# filled from the schema before building. tests/test_config_schema.py derives each field's type
+# from the schema and fails when a class and its schema object differ.
 
 @dataclass(frozen=True)
 class Source:

@@ -259,7 +259,7 @@ def stage_base(package: Path, out: Path, template: str) -> Path:
     training did not quantize it; with the package's tokenizer and chat template."""
     import dataclasses
     from medqlora import merging, modeling
-    from medqlora.packaging import package_settings
+    from medqlora.generation import package_settings
     model_params, quant, precision = package_settings(package)
     base = read_json(package / "adapter_config.json")["base_model_name_or_path"]
     settings = modeling.LoadSettings(dataclasses.replace(model_params, base=base), quant,
@@ -363,7 +363,7 @@ def export(package: str | Path, out: str | Path, targets: tuple[str, ...] = TARG
            llama_cpp: str | Path | None = None) -> dict[str, Any]:
     """Write the export folder atomically; return export.json's content."""
     from medqlora import modeling
-    from medqlora.packaging import package_settings
+    from medqlora.generation import package_settings
     from medqlora.templates import has_chat_template
     package = Path(package)
     tokenizer = modeling.saved_tokenizer(package, package_settings(package)[0])

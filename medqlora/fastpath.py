@@ -264,15 +264,18 @@ def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int)
 
 # ---------------------------------------------------------------- the one entry point
 
-def apply(model, params, args, collator, device: str | None = None):
+def apply(model, params, args, collator, device: str | None = None, plan: Plan | None = None):
     """The fast path for `params.train.fast_path`: returns (model, collator, args).
 
     `params` is the whole Params (the policy needs data.max_seq_length and
-    train.memory_budget_gib); `args` the TrainingArguments; `collator` the padding collator.
-    With the fast path off (the CPU default) all three come back unchanged.
+    train.memory_budget_gib); `args` the TrainingArguments; `collator` the padding collator;
+    `plan` the switches already resolved for this run (medqlora/run_context.py), else they are
+    resolved here for `device`. With the fast path off (the CPU default) all three come back
+    unchanged.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    plan = resolve(params.train.fast_path, device)
+    if plan is None:
+        plan = resolve(params.train.fast_path, device)
     for note in plan.notes:
         log.warning(note)
     if not plan.any:

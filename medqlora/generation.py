@@ -7,16 +7,20 @@ Decoder-only models continue from the last position of each row, so prompts are 
 the *left*: with right padding a short prompt would continue after its pad tokens. Greedy
 decoding (do_sample false, the default) gives the same text on every run; temperature and
 top_p are passed only when sampling, so no "unused flag" warnings and no silent effect.
-Used by the evaluate stage and by `medqlora generate` (packaging.generate): one generation path.
+Used by the evaluate stage and, from a built package (`load_for_generation`, `generate`), by
+`medqlora generate`, serve and export: one generation path.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from medqlora.config import EvaluateParams
+from medqlora.outputs import read_json
 
 
 @dataclass(frozen=True)
@@ -137,3 +141,99 @@ def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
     """Decoded continuations (special tokens dropped, stripped) of tokenised prompts."""
     return [tokenizer.decode(new, skip_special_tokens=True).strip()
             for new in generate_tokens(model, tokenizer, prompt_ids, settings, config)]
+
+
+# ---------------------------------------------------------------- from a package
+# `medqlora generate`, serve and export load a verified package the same way.
+
+def package_settings(package_dir: str | Path):
+    """(ModelParams, QuantizationParams, Precision) of the base, from the package's meta.json."""
+    from medqlora.modeling import settings_from_meta
+    meta = read_json(Path(package_dir) / "meta.json")
+    return settings_from_meta(meta["adapter"])
+
+
+def load_for_generation(package_dir: str | Path, merged: bool = False):
+    """(model, tokenizer) of a package: the 4-bit base + adapter, or the merged weights.
+
+    The base is the adapter_config's base_model_name_or_path (as the reference loading code
+    resolves it), loaded with the quantization and compute dtype recorded at training.
+    """
+    import dataclasses
+    from transformers import AutoModelForCausalLM
+    from medqlora import modeling
+    package_dir = Path(package_dir)
+    model_params, quant, precision = package_settings(package_dir)
+    tokenizer = modeling.saved_tokenizer(package_dir, model_params)
+    if merged:
+        if not (package_dir / "merged" / "config.json").is_file():
+            raise FileNotFoundError(f"{package_dir}/merged is missing: the package was built with "
+                                    "package.include_merged: false (drop --merged)")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(package_dir / "merged"), dtype=precision.compute_dtype,
+            device_map=modeling.device_map(precision))
+    else:
+        base = read_json(package_dir / "adapter_config.json")["base_model_name_or_path"]
+        model_params = dataclasses.replace(model_params, base=base)
+        model = modeling.load_adapter(modeling.load_base(model_params, quant, precision),
+                                      package_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def read_prompts(prompt: str | None, file: str | Path | None) -> list[str]:
+    """User texts from --prompt, or from a JSONL file ("prompt", "question" or "instruction"
+    [+ "input"] per line)."""
+    if prompt is not None:
+        return [prompt]
+    texts = []
+    for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{number}: not JSON ({err.msg})") from None
+        rec = rec if isinstance(rec, dict) else {}
+        text = rec.get("prompt") or rec.get("question") or rec.get("instruction")
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{file}:{number}: needs a \"prompt\" (or \"question\", "
+                             "\"instruction\") text field")
+        if rec.get("instruction") and rec.get("input"):
+            text = f"{text}\n\n{rec['input']}"
+        texts.append(text)
+    return texts
+
+
+def generate(package_dir: str | Path, texts: list[str], merged: bool = False,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Answers to `texts` with the package's generation settings (generation.generate_tokens,
+    the path evaluate scored), plus speed and memory."""
+    import resource
+    import time
+    from transformers import GenerationConfig
+    from medqlora.templates import format_prompt
+    package_dir = Path(package_dir)
+    model, tokenizer = load_for_generation(package_dir, merged)
+    meta = read_json(package_dir / "meta.json")
+    system = meta.get("prompt", {}).get("system", "")
+    recorded = meta.get("params", {}).get("generation", {})
+    config = GenerationConfig.from_pretrained(str(package_dir))
+    settings = GenerationSettings(config.max_new_tokens, bool(config.do_sample),
+                                  config.temperature or 1.0, config.top_p or 1.0,
+                                  batch_size or recorded.get("batch_size", 8),
+                                  recorded.get("seed", 0))
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ids = [tokenizer(format_prompt(tokenizer, text, system))["input_ids"] for text in texts]
+    start = time.perf_counter()
+    new = generate_tokens(model, tokenizer, ids, settings, config)
+    seconds = time.perf_counter() - start
+    answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
+    new_tokens = sum(len(tokens) for tokens in new)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    return {"answers": answers, "new_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_second": new_tokens / seconds if seconds else 0.0,
+            "peak_memory_bytes": int(peak), "device": device.type}

@@ -1,5 +1,6 @@
-"""The deployable package: adapter (+ merged weights), tokenizer, generation settings, model
-card, provenance and a checksummed manifest; and `verify`, which checks one.
+"""Building the deployable package: adapter (+ merged weights), tokenizer, generation settings,
+model card, provenance and a checksummed manifest (medqlora/manifest.py, which also verifies
+one; medqlora/generation.py loads a package and generates from it).
 
     python stages/package.py --params params.yaml --adapter models/adapter --merged models/merged \
         --metrics-dir metrics --plots dvclive/train --out artifacts/package
@@ -25,8 +26,6 @@ date): rebuilding from the same inputs gives identical files, at any commit.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,81 +35,16 @@ from typing import Any
 import yaml
 
 from medqlora.config import Params
-from medqlora.outputs import atomic_dir, read_json, sha256_file, sha256_tree, write_json
+from medqlora.manifest import canonical, write_manifest
+from medqlora.outputs import atomic_dir, read_json, sha256_tree
 from medqlora.provenance import (library_versions, read_meta, reproducible, runner_info,
                                  write_meta)
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Files of the adapter folder that are not copied: provenance moves into the package's own
 # meta.json, and peft's README stub is replaced by the model card.
 ADAPTER_SKIP = {"meta.json", "README.md"}
-
-
-# ---------------------------------------------------------------- manifest
-
-def canonical(obj: Any) -> str:
-    """The one JSON text a manifest is written as (sorted keys, 2-space indent, newline)."""
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(body).encode("utf-8")).hexdigest()
-
-
-def file_table(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {"sha256", "size"}} of every file under `root` but the manifest."""
-    table = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST:
-            table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return table
-
-
-def write_manifest(root: Path, lineage: dict[str, Any]) -> dict[str, Any]:
-    """manifest.json: the file table, lineage, and a digest of both (so the manifest's own
-    bytes are checked too)."""
-    body = {"format": MANIFEST_FORMAT, "files": file_table(root), "lineage": lineage}
-    manifest = {**body, "digest": _digest(body)}
-    (root / MANIFEST).write_text(canonical(manifest), encoding="utf-8")
-    return manifest
-
-
-def verify(root: str | Path) -> list[str]:
-    """Every problem of a package folder, one line each ([] when intact).
-
-    "missing: F", "extra: F", "altered: F (...)" for files, and "altered: manifest.json" when
-    the manifest's own bytes differ from what was written.
-    """
-    root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
-        return [f"{root}: not a folder"]
-    if not path.is_file():
-        return [f"missing: {MANIFEST} (not a medqlora package, or an incomplete copy)"]
-    try:
-        text = path.read_text(encoding="utf-8")
-        manifest = json.loads(text)
-        body = {k: manifest[k] for k in ("format", "files", "lineage")}
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        return [f"altered: {MANIFEST} (unreadable: {err})"]
-    if text != canonical(manifest) or manifest.get("digest") != _digest(body):
-        # The file table itself is untrustworthy: comparing files against it would mislead.
-        return [f"altered: {MANIFEST} (its digest does not match its contents)"]
-    problems = []
-    actual = file_table(root)
-    for rel, want in sorted(body["files"].items()):
-        have = actual.get(rel)
-        if have is None:
-            problems.append(f"missing: {rel}")
-        elif have != want:
-            problems.append(f"altered: {rel} (sha256 {have['sha256'][:12]}…, size {have['size']};"
-                            f" manifest says {want['sha256'][:12]}…, size {want['size']})")
-    problems.extend(f"extra: {rel}" for rel in sorted(set(actual) - set(body["files"])))
-    return problems
 
 
 # ---------------------------------------------------------------- lineage
@@ -312,100 +246,3 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
     log.info("package %s: %d files, verified by `medqlora verify %s`", out_dir,
              len(manifest["files"]), out_dir)
     return manifest
-
-
-def package_settings(package_dir: str | Path):
-    """(ModelParams, QuantizationParams, Precision) of the base, from the package's meta.json."""
-    from medqlora.modeling import settings_from_meta
-    meta = read_json(Path(package_dir) / "meta.json")
-    return settings_from_meta(meta["adapter"])
-
-
-# ---------------------------------------------------------------- generate
-
-def load_for_generation(package_dir: str | Path, merged: bool = False):
-    """(model, tokenizer) of a package: the 4-bit base + adapter, or the merged weights.
-
-    The base is the adapter_config's base_model_name_or_path (as the reference loading code
-    resolves it), loaded with the quantization and compute dtype recorded at training.
-    """
-    import dataclasses
-    from transformers import AutoModelForCausalLM
-    from medqlora import modeling
-    package_dir = Path(package_dir)
-    model_params, quant, precision = package_settings(package_dir)
-    tokenizer = modeling.saved_tokenizer(package_dir, model_params)
-    if merged:
-        if not (package_dir / "merged" / "config.json").is_file():
-            raise FileNotFoundError(f"{package_dir}/merged is missing: the package was built with "
-                                    "package.include_merged: false (drop --merged)")
-        model = AutoModelForCausalLM.from_pretrained(
-            str(package_dir / "merged"), dtype=precision.compute_dtype,
-            device_map=modeling.device_map(precision))
-    else:
-        base = read_json(package_dir / "adapter_config.json")["base_model_name_or_path"]
-        model_params = dataclasses.replace(model_params, base=base)
-        model = modeling.load_adapter(modeling.load_base(model_params, quant, precision),
-                                      package_dir)
-    model.eval()
-    return model, tokenizer
-
-
-def read_prompts(prompt: str | None, file: str | Path | None) -> list[str]:
-    """User texts from --prompt, or from a JSONL file ("prompt", "question" or "instruction"
-    [+ "input"] per line)."""
-    if prompt is not None:
-        return [prompt]
-    texts = []
-    for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file}:{number}: not JSON ({err.msg})") from None
-        rec = rec if isinstance(rec, dict) else {}
-        text = rec.get("prompt") or rec.get("question") or rec.get("instruction")
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"{file}:{number}: needs a \"prompt\" (or \"question\", "
-                             "\"instruction\") text field")
-        if rec.get("instruction") and rec.get("input"):
-            text = f"{text}\n\n{rec['input']}"
-        texts.append(text)
-    return texts
-
-
-def generate(package_dir: str | Path, texts: list[str], merged: bool = False,
-             batch_size: int | None = None) -> dict[str, Any]:
-    """Answers to `texts` with the package's generation settings (generation.generate_tokens,
-    the path evaluate scored), plus speed and memory."""
-    import resource
-    import time
-    import torch
-    from transformers import GenerationConfig
-    from medqlora.generation import GenerationSettings, generate_tokens
-    from medqlora.templates import format_prompt
-    package_dir = Path(package_dir)
-    model, tokenizer = load_for_generation(package_dir, merged)
-    meta = read_json(package_dir / "meta.json")
-    system = meta.get("prompt", {}).get("system", "")
-    recorded = meta.get("params", {}).get("generation", {})
-    config = GenerationConfig.from_pretrained(str(package_dir))
-    settings = GenerationSettings(config.max_new_tokens, bool(config.do_sample),
-                                  config.temperature or 1.0, config.top_p or 1.0,
-                                  batch_size or recorded.get("batch_size", 8),
-                                  recorded.get("seed", 0))
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ids = [tokenizer(format_prompt(tokenizer, text, system))["input_ids"] for text in texts]
-    start = time.perf_counter()
-    new = generate_tokens(model, tokenizer, ids, settings, config)
-    seconds = time.perf_counter() - start
-    answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
-    new_tokens = sum(len(tokens) for tokens in new)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-    return {"answers": answers, "new_tokens": new_tokens, "seconds": seconds,
-            "tokens_per_second": new_tokens / seconds if seconds else 0.0,
-            "peak_memory_bytes": int(peak), "device": device.type}

@@ -10,7 +10,7 @@ Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not), POST /v1/c
 GET /health, GET /metrics (Prometheus text). FastAPI on uvicorn; imported at the top, so the
 project image's build (which imports every medqlora module) fails if its lock lacks them.
 
-One generation path. The model is loaded by packaging.load_for_generation (as `medqlora
+One generation path. The model is loaded by generation.load_for_generation (as `medqlora
 generate` loads it), chat prompts are built by templates.format_messages (the template and
 system text of training), and every batch is decoded with generation.generation_config and
 generation.left_pad, the settings and padding evaluate and `medqlora generate` use; an answer is
@@ -144,7 +144,7 @@ class Loaded:
 def load_package(package_dir: str | Path, merged: bool = False,
                  name: str | None = None) -> Loaded:
     """The package's model as `medqlora generate` loads it (call verify first)."""
-    from medqlora.packaging import load_for_generation
+    from medqlora.generation import load_for_generation
     package_dir = Path(package_dir)
     meta = read_json(package_dir / "meta.json")
     model, tokenizer = load_for_generation(package_dir, merged)

@@ -1,22 +1,26 @@
-"""The train stage: QLoRA on the prepared data with checkpoints, resume and early stopping.
+"""The train stage as one recipe: setup -> train -> save (torchtune's recipe shape).
 
     python stages/train.py --params params.yaml --data data/prepared --out models/adapter \
         --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json
 
-Reads top to bottom: load the base (NF4 through bitsandbytes, CPU too) -> prepare it for k-bit
-training -> attach LoRA (or continue `train.init_adapter`) -> Hugging Face Trainer with our
-collator, dvclive curves and early stopping -> resume from the newest complete checkpoint of
-*this* config -> write the adapter (safetensors only) atomically with its meta.json, and
-metrics/train.json. On CUDA out-of-memory the micro-batch halves and accumulation doubles
-(same effective batch) and the run resumes.
+`run` at the bottom is the whole stage, read top to bottom:
+- setup: resolve the run context once (device, precision, processes, strategy, fast path,
+  optimizer: medqlora/run_context.py), check the memory preflight, load the prepared data and
+  the tokenizer, pick the checkpoint folder of *this* config.
+- train: load the base (NF4 through bitsandbytes, CPU too) -> prepare it for k-bit training ->
+  attach LoRA (or continue `train.init_adapter`) -> the fast path -> the Hugging Face Trainer
+  with our collator (medqlora/collation.py) and callbacks (medqlora/callbacks.py: dvclive
+  curves, divergence guard, early stopping) -> resume from the newest complete checkpoint. On
+  CUDA out-of-memory the micro-batch halves and accumulation doubles (same effective batch;
+  the arithmetic is medqlora/planning.py) and the run resumes.
+- save: the adapter (safetensors only) atomically with its meta.json, and metrics/train.json;
+  both record the run context ("run").
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,74 +28,22 @@ from typing import Any
 
 import torch
 
-from medqlora import adapter_io, checkpoints, fastpath, launch, modeling, preflight
+from medqlora import adapter_io, checkpoints, fastpath, launch, modeling, preflight, run_context
+from medqlora.callbacks import (DivergenceGuard, Diverged, LiveCallback, NothingLeftToTrain,
+                                StepClock, StopAtEnd, as_trainer_callback)
+from medqlora.collation import Collator
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
+from medqlora.planning import Plan, make_plan
 from medqlora.provenance import write_meta
+from medqlora.run_context import RunContext
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "model", "quantization", "lora", "train")
-CUDA_ONLY_OPTIMS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-# ---------------------------------------------------------------- arithmetic
-
-def total_optimizer_steps(rows: int, batch: int, accum: int, epochs: float,
-                          max_steps: int, processes: int = 1) -> int:
-    """Optimizer steps the Trainer will run, computed the way transformers 5 does.
-
-    max_steps > 0 wins. Otherwise: micro-batches per epoch = ceil(rows / batch); optimizer
-    steps per epoch = ceil(micro-batches / accum); total = ceil(epochs x steps per epoch).
-    E.g. 1,000 rows / batch 8 = 125 micro-batches; / accum 2 = 63 steps; x 3 epochs = 189.
-    With several processes each takes every N-th micro-batch (accelerate shards the batches):
-    125 micro-batches / 2 processes = 63 each; / accum 1 = 63 steps, as 1 x accum 2.
-    """
-    if max_steps > 0:
-        return max_steps
-    micro_batches = math.ceil(math.ceil(rows / batch) / processes)
-    per_epoch = max(math.ceil(micro_batches / accum), 1)
-    return math.ceil(epochs * per_epoch)
-
-
-def warmup_steps(ratio: float, total_steps: int) -> int:
-    """train.warmup_ratio -> warmup_steps (transformers 5 dropped the ratio): ceil(ratio x total).
-
-    E.g. 0.03 x 189 = 5.67 -> 6 warmup steps; 0.03 x 10 = 0.3 -> 1; ratio 0 -> 0.
-    """
-    return math.ceil(ratio * total_steps - 1e-9)
-
-
-# ---------------------------------------------------------------- data
-
-@dataclass
-class Collator:
-    """Pads a batch to its longest row: input_ids with the pad id, labels with -100.
-
-    Unpacked rows get an attention_mask (1 on real tokens). Packed rows (train_packed.parquet)
-    carry position_ids that restart at 0 for every example; they get no attention_mask, so
-    transformers builds a block-diagonal causal mask from the position_ids and examples packed
-    together do not attend to each other. Their padding is given positions 0..k-1 as well,
-    which makes it one more (fully masked-out, label -100) "example".
-    """
-    pad_token_id: int
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(row["input_ids"]) for row in rows)
-        packed = "position_ids" in rows[0]
-        batch: dict[str, list] = {"input_ids": [], "labels": []}
-        batch["position_ids" if packed else "attention_mask"] = []
-        for row in rows:
-            size = len(row["input_ids"])
-            pad = longest - size
-            batch["input_ids"].append(list(row["input_ids"]) + [self.pad_token_id] * pad)
-            batch["labels"].append(list(row["labels"]) + [-100] * pad)
-            if packed:
-                batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
-            else:
-                batch["attention_mask"].append([1] * size + [0] * pad)
-        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-
+# ---------------------------------------------------------------- setup
 
 def load_split(path: Path):
     """A prepared parquet file as a datasets.Dataset of the columns training uses."""
@@ -114,8 +66,6 @@ def load_data(data_dir: Path):
     return train, val
 
 
-# ---------------------------------------------------------------- model
-
 def find_adapter(path: str | Path) -> Path:
     """The adapter folder inside `path` (itself, or a package folder holding one)."""
     path = Path(path)
@@ -126,11 +76,13 @@ def find_adapter(path: str | Path) -> Path:
     raise FileNotFoundError(f"train.init_adapter: {path} holds no {' + '.join(ADAPTER_FILES)}")
 
 
-def build_model(params: Params, precision: modeling.Precision, lora_from: Path | None = None):
+def build_model(params: Params, precision: modeling.Precision, lora_from: Path | None = None,
+                fsdp: bool = False):
     """Base (4-bit or not) prepared for training, with a trainable LoRA adapter attached.
 
     `lora_from`: a checkpoint whose adapter_model.safetensors is loaded into the new adapter
     (FSDP resume: the Trainer's own FSDP checkpoints hold no LoRA weight; see adapter_io).
+    `fsdp`: the run shards the model (RunContext.fsdp).
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     base = modeling.load_base(params.model, params.quantization, precision)
@@ -141,7 +93,7 @@ def build_model(params: Params, precision: modeling.Precision, lora_from: Path |
     # FSDP flattens each wrapped layer into one tensor of ONE dtype: peft's fp32 upcast of the
     # norms would break that, so under FSDP the base stays in the storage/compute dtype (as
     # TRL does for sharded QLoRA) and only checkpointing + input grads are set up.
-    if params.quantization.load_in_4bit and not launch.uses_fsdp(params):
+    if params.quantization.load_in_4bit and not fsdp:
         # Casts norms/embeddings to fp32 for stability and enables input grads.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
                                                gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -160,213 +112,7 @@ def build_model(params: Params, precision: modeling.Precision, lora_from: Path |
     return model
 
 
-def resolve_optim(name: str, device: str) -> tuple[str, list[str]]:
-    """The optimizer this device can run, and the fallback note when it had to change."""
-    if name in CUDA_ONLY_OPTIMS and device != "cuda":
-        note = f"train.optim: {name} needs CUDA (bitsandbytes paged/8-bit); using adamw_torch"
-        log.warning(note)
-        return "adamw_torch", [note]
-    return name, []
-
-
-# ---------------------------------------------------------------- dvclive
-
-class LiveCallback:
-    """Per-step loss, learning rate, grad norm and eval loss into dvclive (x: step).
-
-    On resume the checkpoint's log history is replayed first, so the curves are whole.
-    """
-
-    KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate",
-            "grad_norm": "train/grad_norm", "eval_loss": "eval/loss"}
-
-    def __init__(self, live_dir: Path):
-        self.dir, self.live = live_dir, None
-
-    def _log(self, entry: dict[str, Any], step: int) -> None:
-        values = {name: entry[key] for key, name in self.KEYS.items() if key in entry}
-        if self.live is None or not values:
-            return
-        self.live.step = step
-        for name, value in values.items():
-            self.live.log_metric(name, float(value))
-        self.live.make_summary()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from dvclive import Live
-        if state.is_world_process_zero:
-            self.live = Live(str(self.dir), resume=False, save_dvc_exp=False, dvcyaml=None)
-            for entry in state.log_history:
-                self._log(entry, entry.get("step", 0))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self._log(logs or {}, state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.live is not None:
-            self.live.end()
-            self.live = None
-
-
-class StepClock:
-    """Wall-clock seconds between optimizer steps; the median ignores evals/saves in between.
-
-    Steady-state throughput (bench/bench_distributed.py) = tokens per step / this median.
-    """
-
-    def __init__(self):
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def median(self) -> float | None:
-        gaps = [b - a for a, b in zip(self.ends, self.ends[1:])]
-        return statistics.median(gaps) if gaps else None
-
-
-class NothingLeftToTrain(Exception):
-    """Raised by StopAtEnd: the run resumed from its final checkpoint."""
-
-
-class StopAtEnd:
-    """Train no step past max_steps when resuming from the run's final checkpoint.
-
-    The Trainer (transformers 5.x) enters its step loop before checking max_steps, so a run
-    killed after its last checkpoint but before its outputs were written would train one step
-    more on the re-run than the undisturbed run did. This stops it before that step's forward,
-    after the checkpoint's weights, optimizer and state have been loaded.
-    """
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.max_steps and state.global_step >= state.max_steps:
-            raise NothingLeftToTrain
-
-
-class Diverged(RuntimeError):
-    """Raised by DivergenceGuard: the run stopped before publishing anything."""
-
-    def __init__(self, step: int, reason: str, outcome: tuple[str, ...] = ()):
-        self.step, self.reason, self.outcome = step, reason, outcome
-        super().__init__("\n".join([f"train: diverged at step {step}: {reason}", *outcome]))
-
-
-class DivergenceGuard:
-    """Stops a diverging run before it can publish an adapter or write a NaN metric.
-
-    - Before every optimizer step the trainable weights' gradients must be finite: a NaN or
-      infinite loss makes them non-finite, and clipping keeps them so (0.3 / nan = nan), so the
-      step that would write NaN into the weights never runs and every checkpoint stays finite.
-    - Every logged loss, grad_norm and eval_loss must be finite (training_args turns off the
-      Trainer's logging_nan_inf_filter, which would log the running mean in place of a NaN).
-    - The training loss may not stay above `factor` x its first logged value for `steps`
-      optimizer steps; while it is above, no checkpoint is saved, so the newest one on disk is
-      from before the loss took off (e.g. factor 4: a run starting at 2.5 stops above 10).
-    With fp16 the loss scaler skips steps whose gradients overflow (that is how it finds its
-    scale), so only the losses are checked there. Raises Diverged; train.run adds what was kept.
-    """
-
-    def __init__(self, factor: float | None, steps: int, scaled: bool = False):
-        self.factor, self.steps, self.scaled = factor, steps, scaled
-        self.start: float | None = None   # the run's first logged training loss
-        self.last_ok = 0                  # last logged step within factor x start
-        self.above = False
-        self.trainable: list | None = None
-
-    def _track(self, loss: float, step: int) -> None:
-        self.start = loss if self.start is None else self.start
-        self.above = self.factor is not None and self.start > 0 and loss > self.factor * self.start
-        if not self.above:
-            self.last_ok = step
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.last_ok, self.above = None, 0, False
-        for entry in state.log_history:  # on resume: the checkpoint's history
-            if "loss" in entry:
-                self._track(entry["loss"], entry.get("step", 0))
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.scaled or model is None:
-            return
-        if self.trainable is None:  # the adapter's tensors: a few hundred of a model's thousands
-            self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        grads = [(name, p.grad) for name, p in self.trainable if p.grad is not None]
-        grads = [(name, g.to_local() if hasattr(g, "to_local") else g) for name, g in grads]
-        grads = [(name, g) for name, g in grads if g.numel()]
-        if not grads:
-            return
-        peaks = torch.stack([g.detach().abs().amax().float() for _, g in grads])
-        if not bool(torch.isfinite(peaks).all()):  # one device sync per step
-            bad = [name for (name, _), ok in zip(grads, torch.isfinite(peaks).tolist()) if not ok]
-            raise Diverged(state.global_step + 1, f"the gradient is not finite in {len(bad)} of "
-                           f"{len(grads)} trainable tensors (first: {bad[0]}); the loss or its "
-                           "gradient overflowed, the optimizer step was not taken")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.above:
-            control.should_save = False
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        for key in ("loss", "eval_loss") + (() if self.scaled else ("grad_norm",)):
-            value = logs.get(key)
-            if value is not None and not math.isfinite(value):
-                raise Diverged(state.global_step, f"{key} is {value}")
-        if "loss" in logs:
-            self._track(logs["loss"], state.global_step)
-            if self.above and state.global_step - self.last_ok >= self.steps:
-                raise Diverged(state.global_step, (
-                    f"the training loss ({logs['loss']:.4g}) has stayed above "
-                    f"train.divergence_factor x its first logged value ({self.factor:g} x "
-                    f"{self.start:.4g} = {self.factor * self.start:.4g}) for "
-                    f"{state.global_step - self.last_ok} steps (train.divergence_steps: "
-                    f"{self.steps})"))
-        if self.above:
-            control.should_save = False
-
-
-def _callback(obj):
-    """Wrap a duck-typed callback as a transformers TrainerCallback."""
-    from transformers import TrainerCallback
-    cls = type(type(obj).__name__, (TrainerCallback,), {
-        name: getattr(obj, name) for name in ("on_train_begin", "on_log", "on_train_end",
-                                              "on_step_begin", "on_step_end", "on_save",
-                                              "on_pre_optimizer_step")
-        if hasattr(obj, name)})
-    return cls()
-
-
-# ---------------------------------------------------------------- trainer
-
-@dataclass(frozen=True)
-class Plan:
-    """What one attempt runs with (batch/accumulation change on CUDA OOM)."""
-    batch: int
-    accum: int
-    total_steps: int
-    warmup_steps: int
-    optim: str
-    notes: tuple[str, ...]
-    processes: int = 1  # launched processes (GPUs) training together
-
-    @property
-    def effective_batch(self) -> int:
-        """Sequences per optimizer step: micro x accumulation x processes."""
-        return self.batch * self.accum * self.processes
-
-
-def make_plan(params: Params, rows: int, device: str, batch: int, accum: int) -> Plan:
-    """Batch, steps and warmup for one attempt."""
-    t = params.train
-    processes = launch.world_size()
-    total = total_optimizer_steps(rows, batch, accum, t.num_train_epochs, t.max_steps, processes)
-    optim, notes = resolve_optim(t.optim, device)
-    return Plan(batch, accum, total, warmup_steps(t.warmup_ratio, total), optim, tuple(notes),
-                processes)
-
-
-def training_args(params: Params, plan: Plan, precision: modeling.Precision, run_dir: Path,
-                  fresh: bool):
+def training_args(params: Params, ctx: RunContext, plan: Plan, run_dir: Path, fresh: bool):
     """TrainingArguments from the `train` section (names kept; see the schema)."""
     from transformers import TrainingArguments
     t = params.train
@@ -378,8 +124,8 @@ def training_args(params: Params, plan: Plan, precision: modeling.Precision, run
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=plan.warmup_steps, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=plan.optim,
-        bf16=precision.bf16, fp16=precision.fp16, use_cpu=precision.device == "cpu",
+        max_grad_norm=t.max_grad_norm, optim=ctx.optim,
+        bf16=ctx.precision.bf16, fp16=ctx.precision.fp16, use_cpu=ctx.device == "cpu",
         logging_steps=t.logging_steps, eval_strategy="steps", eval_steps=t.eval_steps,
         eval_on_start=fresh,  # the starting validation loss, once per run (not on resume)
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
@@ -396,6 +142,28 @@ def training_args(params: Params, plan: Plan, precision: modeling.Precision, run
     )
 
 
+def trainer_callbacks(params: Params, ctx: RunContext, live_dir: Path | None):
+    """The Trainer callbacks of one attempt: (list for the Trainer, StepClock, LoRA saver)."""
+    from transformers import EarlyStoppingCallback
+    clock = StepClock()
+    guard = DivergenceGuard(params.train.divergence_factor, params.train.divergence_steps,
+                            scaled=ctx.precision.fp16)
+    # The guard first: it must raise before dvclive logs a NaN and before a checkpoint is saved.
+    callbacks = [as_trainer_callback(guard), as_trainer_callback(clock),
+                 as_trainer_callback(StopAtEnd())]
+    if live_dir is not None:  # None: no loss curves (runs outside DVC, e.g. bench/)
+        callbacks.append(as_trainer_callback(LiveCallback(live_dir)))
+    lora_saver = adapter_io.SaveLoraInCheckpoints()
+    if ctx.fsdp:  # whole LoRA tensors in every checkpoint (adapter_io)
+        callbacks.append(as_trainer_callback(lora_saver))
+    if params.train.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
+                                               params.train.early_stopping_threshold))
+    return callbacks, clock, lora_saver
+
+
+# ---------------------------------------------------------------- train
+
 @dataclass(frozen=True)
 class ResumePoint:
     """The checkpoint a run resumed from, read before training: save_total_limit may delete
@@ -411,38 +179,34 @@ class ResumePoint:
                    int(state.get("num_input_tokens_seen", 0)))
 
 
-def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir: Path,
-        live_dir: Path | None, plan: Plan):
-    """One training attempt; returns (trainer, ResumePoint or None, seconds)."""
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+@dataclass
+class Attempt:
+    """A finished training attempt: what save and the metrics read."""
+    trainer: Any
+    resumed: ResumePoint | None
+    seconds: float
+    plan: Plan
+    ctx: RunContext  # with the attention kernel of the model that trained
+
+
+def fit(params: Params, ctx: RunContext, tokenizer, data, run_dir: Path,
+        live_dir: Path | None, plan: Plan) -> Attempt:
+    """One training attempt with the batch/accumulation of `plan`."""
+    from transformers import Trainer, set_seed
     set_seed(params.seed)  # LoRA init and dropout; data order comes from data_seed
-    resume = checkpoints.latest_complete(run_dir)
-    fsdp = launch.uses_fsdp(params)
-    model = build_model(params, precision, lora_from=resume if fsdp else None)
-    args = training_args(params, plan, precision, run_dir, fresh=resume is None)
-    clock = StepClock()
-    guard = DivergenceGuard(params.train.divergence_factor, params.train.divergence_steps,
-                            scaled=precision.fp16)
-    # The guard first: it must raise before dvclive logs a NaN and before a checkpoint is saved.
-    callbacks = [_callback(guard), _callback(clock), _callback(StopAtEnd())]
-    if live_dir is not None:  # None: no loss curves (runs outside DVC, e.g. bench/)
-        callbacks.append(_callback(LiveCallback(live_dir)))
-    lora_saver = adapter_io.SaveLoraInCheckpoints()
-    if fsdp:  # whole LoRA tensors in every checkpoint (adapter_io)
-        callbacks.append(_callback(lora_saver))
-    if params.train.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
-                                               params.train.early_stopping_threshold))
-    # --- fast path (train.fast_path; medqlora/fastpath.py, measured by bench/bench_train.py) ---
-    collator = Collator(tokenizer.pad_token_id)
-    if fsdp:  # its fused LoRA reads adapter weights FSDP keeps sharded
-        log.warning("train.fast_path: not applied under runner.distributed.strategy fsdp")
-    else:
-        model, collator, args = fastpath.apply(model, params, args, collator)
-    # --- end fast path ---
+    resume = checkpoints.latest_complete(run_dir, is_main=ctx.is_main)
+    model = build_model(params, ctx.precision, lora_from=resume if ctx.fsdp else None,
+                        fsdp=ctx.fsdp)
+    args = training_args(params, ctx, plan, run_dir, fresh=resume is None)
+    callbacks, clock, lora_saver = trainer_callbacks(params, ctx, live_dir)
+    # The fast path (train.fast_path; measured by bench/bench_train.py): off under FSDP and,
+    # by default, on CPU; ctx.fast_path says which switches apply.
+    model, collator, args = fastpath.apply(model, params, args, Collator(tokenizer.pad_token_id),
+                                           plan=ctx.fast_path)
+    ctx = ctx.with_attention(model)
+    log.info("run: %s", json.dumps(ctx.as_dict(), sort_keys=True))
     trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
-                      data_collator=collator,
-                      processing_class=tokenizer, callbacks=callbacks)
+                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     trainer.step_clock = clock  # read by train_metrics
     lora_saver.trainer = trainer
     resumed = ResumePoint.read(resume) if resume is not None else None
@@ -454,22 +218,22 @@ def fit(params: Params, precision: modeling.Precision, tokenizer, data, run_dir:
     except NothingLeftToTrain:
         log.info("%s is the run's last step: its weights are the result", resume)
         trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
-    return trainer, resumed, time.perf_counter() - started
+    return Attempt(trainer, resumed, time.perf_counter() - started, plan, ctx)
 
 
-def fit_adaptive(params, precision, tokenizer, data, run_dir, live_dir):
+def fit_adaptive(params: Params, ctx: RunContext, tokenizer, data, run_dir: Path,
+                 live_dir: Path | None) -> Attempt:
     """fit(), halving the micro-batch and doubling accumulation on CUDA out-of-memory."""
     t = params.train
-    # --- distributed: keep_effective_batch divides accumulation by the process count ---
-    batch, accum = t.per_device_train_batch_size, launch.accumulation(params, launch.world_size())
-    # --- end distributed ---
+    # keep_effective_batch divides accumulation by the process count
+    batch, accum = t.per_device_train_batch_size, launch.accumulation(params, ctx.world_size)
     while True:
-        plan = make_plan(params, len(data[0]), precision.device, batch, accum)
+        plan = make_plan(params, len(data[0]), batch, accum, ctx.world_size)
         try:
-            return (*fit(params, precision, tokenizer, data, run_dir, live_dir, plan), plan)
+            return fit(params, ctx, tokenizer, data, run_dir, live_dir, plan)
         except torch.cuda.OutOfMemoryError:
-            if not (t.adaptive_batch_size and precision.device == "cuda" and batch > 1
-                    and launch.world_size() == 1):  # one rank retrying alone would hang the rest
+            if not (t.adaptive_batch_size and ctx.device == "cuda" and batch > 1
+                    and ctx.world_size == 1):  # one rank retrying alone would hang the rest
                 raise
             log.warning("CUDA out of memory at per_device_train_batch_size=%d: retrying with "
                         "%d x %d accumulation (same effective batch %d); set "
@@ -480,7 +244,7 @@ def fit_adaptive(params, precision, tokenizer, data, run_dir, live_dir):
                 torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------- outputs
+# ---------------------------------------------------------------- save
 
 def peak_memory_gib(device: str) -> float:
     """CUDA max allocated, or the process's peak RSS on CPU (Linux reports KiB)."""
@@ -504,9 +268,11 @@ def final_eval_loss(trainer) -> float:
     return float(trainer.evaluate()["eval_loss"])
 
 
-def train_metrics(trainer, plan: Plan, resumed: ResumePoint | None, seconds: float,
-                  device: str) -> dict:
-    """metrics/train.json: final losses, steps, throughput, memory, parameter counts."""
+def train_metrics(attempt: Attempt) -> dict:
+    """metrics/train.json: final losses, steps, throughput, memory, parameter counts, the run."""
+    trainer, plan, resumed, seconds = attempt.trainer, attempt.plan, attempt.resumed, \
+        attempt.seconds
+    device = attempt.ctx.device
     state = trainer.state
     history = state.log_history
     # Each logged "loss" is the mean over its logging window; a run shorter than one window
@@ -545,6 +311,7 @@ def train_metrics(trainer, plan: Plan, resumed: ResumePoint | None, seconds: flo
         "warmup_steps": plan.warmup_steps,
         "total_steps_planned": plan.total_steps,
         "resumed_from_step": resumed.step if resumed else 0,
+        "run": attempt.ctx.as_dict(),
     }
 
 
@@ -555,43 +322,34 @@ def base_info(params: Params) -> dict[str, Any]:
             "sha256": sha256_tree(model.base) if model.is_local else None}
 
 
-def _sort_target_modules(config_path: Path) -> None:
-    """peft writes target_modules from a set, in hash order: sort it so equal runs give equal
-    bytes (the package manifest and DVC hashes depend on them)."""
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                               encoding="utf-8")
+def save_adapter(attempt: Attempt, tokenizer, params: Params, data_dir: Path, out_dir: Path,
+                 base: dict[str, Any], lora: dict | None = None) -> None:
+    """models/adapter/: safetensors adapter, tokenizer and meta.json, written atomically.
 
-
-def save_adapter(trainer, tokenizer, params: Params, precision: modeling.Precision,
-                 plan: Plan, data_dir: Path, out_dir: Path, base: dict[str, Any],
-                 lora: dict | None = None) -> None:
-    """models/adapter/: safetensors adapter, tokenizer and meta.json, written atomically."""
+    `lora`: the LoRA tensors gathered under FSDP (adapter_io.gather_lora), else None.
+    """
+    ctx, plan = attempt.ctx, attempt.plan
     inputs: dict[str, Path] = {"prepared": data_dir}
     init = find_adapter(params.train.init_adapter) if params.train.init_adapter else None
     if init is not None:
         inputs["init_adapter"] = init
     with atomic_dir(out_dir) as tmp:
-        adapter_io.save(trainer, tmp, lora)  # lora: the tensors gathered under FSDP
-        _sort_target_modules(tmp / "adapter_config.json")
+        adapter_io.save(attempt.trainer, tmp, lora)  # target_modules sorted: equal bytes
         tokenizer.save_pretrained(str(tmp))
         write_meta(tmp, stage="train", params=params.section(*SECTIONS), inputs=inputs, extra={
             "precision": {
-                "device": precision.device,
-                "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
-                "bf16": precision.bf16, "fp16": precision.fp16,
-                "notes": [*precision.notes, *plan.notes],
+                "device": ctx.device,
+                "compute_dtype": str(ctx.precision.compute_dtype).removeprefix("torch."),
+                "bf16": ctx.precision.bf16, "fp16": ctx.precision.fp16,
+                "notes": list(ctx.notes),
             },
             "base": base,
             "init_adapter": str(init) if init else None,
             "effective": {"per_device_train_batch_size": plan.batch,
-                          "gradient_accumulation_steps": plan.accum, "optim": plan.optim,
+                          "gradient_accumulation_steps": plan.accum,
                           "warmup_steps": plan.warmup_steps, "num_processes": plan.processes,
-                          "effective_batch": plan.effective_batch,
-                          "strategy": (params.runner.distributed.strategy
-                                       if plan.processes > 1 else None)},
+                          "effective_batch": plan.effective_batch},
+            "run": ctx.as_dict(),  # device, processes, strategy, optimizer, fast path, attention
         })
 
 
@@ -611,6 +369,8 @@ def diverged_outcome(params: Params, run_dir: Path, out_dir: Path,
     )
 
 
+# ---------------------------------------------------------------- the recipe
+
 def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_dir: str | Path,
         live_dir: str | Path | None, metrics_path: str | Path) -> dict[str, Any]:
     """The whole train stage; returns the metrics written to `metrics_path`.
@@ -618,34 +378,33 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     `live_dir` None writes no dvclive curves (`--live none`: runs outside DVC, such as the
     GPU benchmarks, where dvc and dvclive need not be installed).
     """
+    # --- setup ---
     launch.join_launch()  # a launched worker dies with its launcher, never trains on orphaned
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    precision = modeling.resolve_precision(params.quantization, params.train.mixed_precision)
-    # --- preflight (medqlora/preflight.py): WontFit (exit 3) before loading anything ---
-    preflight.check(params)
-    # --- end preflight ---
+    ctx = run_context.build(params)  # every fact below reads it; resolved once
+    preflight.check(params)  # WontFit (exit 3) before loading anything
     data = load_data(data_dir)
     base = base_info(params)  # hashed once: it names the checkpoint folder and goes in meta.json
     # FSDP checkpoints (sharded) cannot resume a DDP/single run or the reverse: own folder.
-    fsdp = {"fsdp": True} if launch.uses_fsdp(params) else {}
+    fsdp = {"fsdp": True} if ctx.fsdp else {}
     key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base, **fsdp},
                                   sha256_tree(data_dir))
     run_dir = Path(checkpoints_dir) / key
     log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
     tokenizer = modeling.load_tokenizer(params.model)
+    # --- train ---
     try:
-        trainer, resumed, seconds, plan = fit_adaptive(params, precision, tokenizer, data,
-                                                       run_dir, Path(live_dir) if live_dir else None)
+        attempt = fit_adaptive(params, ctx, tokenizer, data, run_dir,
+                               Path(live_dir) if live_dir else None)
     except Diverged as err:
         raise Diverged(err.step, err.reason, diverged_outcome(params, run_dir, out_dir,
                                                               metrics_path)) from None
-    metrics = train_metrics(trainer, plan, resumed, seconds, precision.device)
-    # --- distributed: every rank joins the FSDP gather; only rank 0 writes the outputs ---
-    lora = adapter_io.gather_lora(trainer.model) if trainer.is_fsdp_enabled else None
-    if not launch.is_main():
+    # --- save: every rank computes the metrics and joins the FSDP gather; rank 0 writes ---
+    metrics = train_metrics(attempt)
+    lora = adapter_io.gather_lora(attempt.trainer.model) if ctx.fsdp else None
+    if not ctx.is_main:
         return metrics
-    # --- end distributed ---
-    save_adapter(trainer, tokenizer, params, precision, plan, data_dir, out_dir, base, lora)
+    save_adapter(attempt, tokenizer, params, data_dir, out_dir, base, lora)
     write_json(metrics_path, metrics)
     log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s", metrics["global_step"],
              metrics["eval_loss_start"] or float("nan"), metrics["eval_loss"],

@@ -1,5 +1,5 @@
 """Package stage: a checksummed, self-describing deployable bundle with a model card
-(see medqlora/packaging.py and medqlora/modelcard.py).
+(see medqlora/packaging.py, medqlora/manifest.py and medqlora/modelcard.py).
 
     python stages/package.py --params params.yaml --adapter models/adapter --merged models/merged \
         --metrics-dir metrics --plots dvclive/train --out artifacts/package

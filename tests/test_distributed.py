@@ -146,7 +146,7 @@ def test_validation_names_the_distributed_keys():
 
 def test_total_steps_with_several_processes():
     # 26 rows / 4 = 7 micro-batches; 2 processes take 4 each (the last one padded); / 1 = 4.
-    from medqlora.training import total_optimizer_steps
+    from medqlora.planning import total_optimizer_steps
     assert total_optimizer_steps(26, 4, 1, 1, -1, processes=2) == 4
     assert total_optimizer_steps(26, 4, 2, 1, -1) == 4
     assert total_optimizer_steps(1000, 8, 1, 3, -1, processes=2) == 189  # 125 -> 63 x 3
@@ -199,10 +199,9 @@ def test_fsdp_sharded_checkpoint_is_complete_and_partial_one_is_not(tmp_path):
     assert [p.name.split("-17")[0] for p in (run_dir / "skipped").iterdir()] == ["checkpoint-3"]
 
 
-def test_only_rank_zero_moves_an_incomplete_checkpoint(tmp_path, monkeypatch):
+def test_only_rank_zero_moves_an_incomplete_checkpoint(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
-    monkeypatch.setenv("RANK", "1")
-    assert checkpoints.latest_complete(tmp_path) is None
+    assert checkpoints.latest_complete(tmp_path, is_main=False) is None
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "skipped").exists()
 
 
@@ -287,7 +286,8 @@ def test_rank_zero_alone_writes_the_outputs(two_runs):
     assert {"adapter_config.json", "adapter_model.safetensors", "meta.json"} <= {
         p.name for p in two["adapter"].iterdir()}
     meta = json.loads((two["adapter"] / "meta.json").read_text())
-    assert meta["effective"]["num_processes"] == 2 and meta["effective"]["strategy"] == "ddp"
+    assert meta["effective"]["num_processes"] == 2
+    assert (meta["run"]["world_size"], meta["run"]["strategy"]) == (2, "ddp")
     assert meta["effective"]["effective_batch"] == 8
     # The closing log line comes after the writes, from rank 0 only; the launch line once.
     assert log.count("train: step 3, eval loss") == 1, log[-3000:]

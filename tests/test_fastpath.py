@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from medqlora import attention, config, fastpath, memory, modeling, training
+from medqlora.collation import Collator
 from tests.conftest import ROOT, TINY_MODEL
 
 
@@ -43,7 +44,7 @@ def _loss_and_grads(params, fast: bool, rows, tmp_path):
     precision = modeling.resolve_precision(params.quantization, "no", device="cpu")
     torch.manual_seed(0)
     model = training.build_model(params, precision)
-    collator = training.Collator(pad_token_id=0)
+    collator = Collator(pad_token_id=0)
     if fast:
         args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                  per_device_train_batch_size=4, report_to="none")
@@ -87,7 +88,7 @@ def test_fast_path_matches_plain_path_on_cpu(tmp_path, tiny_model, monkeypatch):
 
 
 def test_padding_free_collation_exact():
-    inner = training.Collator(pad_token_id=0)
+    inner = Collator(pad_token_id=0)
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
             {"input_ids": [8, 9], "labels": [8, 9]},
             {"input_ids": [4, 4, 4, 4, 4, 4], "labels": [4, 4, 4, 4, 4, 4]}]
@@ -107,7 +108,7 @@ def test_packed_rows_padded_to_one_shape_with_boundaries():
     rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9],
              "position_ids": [0, 1, 2, 0, 1]},
             {"input_ids": [3, 4, 5], "labels": [3, 4, 5], "position_ids": [0, 1, 2]}]
-    collate = fastpath.PaddingFree(training.Collator(pad_token_id=0), pad_to=6, boundaries=True)
+    collate = fastpath.PaddingFree(Collator(pad_token_id=0), pad_to=6, boundaries=True)
     batch = collate(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [3, 4, 5, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100], [3, 4, 5, -100, -100, -100]]

@@ -13,6 +13,7 @@ import pytest
 from adapter_fixture import adapter_params, make_adapter, write_test_split
 from conftest import ROOT, run
 from medqlora import merging, packaging
+from medqlora.manifest import verify
 
 BASE_REL = "models/tiny-med-llama"
 EVALUATE = {
@@ -136,7 +137,7 @@ def test_failed_merge_still_ships_the_adapter_and_says_why(built, tmp_path):
     card = (pkg / "README.md").read_text()
     assert f"No merged weights are included ({merged['reason']})" in card
     assert "**FAILED**" in card and "were therefore **not** shipped" in card
-    assert packaging.verify(pkg) == []
+    assert verify(pkg) == []
 
 
 @pytest.mark.slow
@@ -173,21 +174,21 @@ def test_rebuild_with_other_timings_is_byte_identical(built, tmp_path):
 @pytest.mark.slow
 def test_verify_names_every_altered_missing_or_extra_file(built, tmp_path):
     _, manifest, pkg = built
-    assert packaging.verify(pkg) == []
+    assert verify(pkg) == []
     for rel in sorted(EXPECTED):  # one changed byte in any file, the manifest included
         copy = tmp_path / rel.replace("/", "_")
         shutil.copytree(pkg, copy)
         data = bytearray((copy / rel).read_bytes())
         data[len(data) // 2] ^= 0x01
         (copy / rel).write_bytes(bytes(data))
-        problems = packaging.verify(copy)
+        problems = verify(copy)
         assert len(problems) == 1 and problems[0].startswith(f"altered: {rel} "), (rel, problems)
         shutil.rmtree(copy)
     copy = tmp_path / "missing_extra"
     shutil.copytree(pkg, copy)
     (copy / "merged" / "model.safetensors").unlink()
     (copy / "notes.txt").write_text("x")
-    assert packaging.verify(copy) == ["missing: merged/model.safetensors", "extra: notes.txt"]
+    assert verify(copy) == ["missing: merged/model.safetensors", "extra: notes.txt"]
     proc = run([sys.executable, "-m", "medqlora.cli", "verify", str(copy)], ROOT, check=False)
     assert proc.returncode == 1
     assert "missing: merged/model.safetensors" in proc.stderr and "extra: notes.txt" in proc.stderr

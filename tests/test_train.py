@@ -29,7 +29,9 @@ import torch
 import yaml
 
 from conftest import ROOT, set_key
-from medqlora import checkpoints, modeling, training
+from medqlora import checkpoints, modeling, planning, run_context, training
+from medqlora.callbacks import DivergenceGuard, Diverged
+from medqlora.collation import Collator
 from medqlora.config import build_params, validate_document
 from medqlora.outputs import sha256_tree
 from medqlora.provenance import write_meta
@@ -165,24 +167,24 @@ def short_run(tmp_path_factory, base, data):
 
 def test_warmup_translation_arithmetic():
     # 1,000 rows / batch 8 = 125 micro-batches; / accum 2 = 62.5 -> 63 steps; x 3 = 189.
-    assert training.total_optimizer_steps(1000, 8, 2, 3, -1) == 189
-    assert training.warmup_steps(0.03, 189) == 6          # 5.67 -> 6
-    assert training.total_optimizer_steps(26, 4, 2, 1.5, -1) == 6   # 7 -> 4 per epoch, x 1.5
-    assert training.total_optimizer_steps(1000, 8, 2, 3, 40) == 40  # max_steps wins
-    assert training.warmup_steps(0.1, 40) == 4            # exactly 4.0, not 5
-    assert training.warmup_steps(0.03, 10) == 1          # 0.3 -> 1
-    assert training.warmup_steps(0.0, 189) == 0
-    assert training.total_optimizer_steps(3, 8, 4, 1, -1) == 1      # never zero
+    assert planning.total_optimizer_steps(1000, 8, 2, 3, -1) == 189
+    assert planning.warmup_steps(0.03, 189) == 6          # 5.67 -> 6
+    assert planning.total_optimizer_steps(26, 4, 2, 1.5, -1) == 6   # 7 -> 4 per epoch, x 1.5
+    assert planning.total_optimizer_steps(1000, 8, 2, 3, 40) == 40  # max_steps wins
+    assert planning.warmup_steps(0.1, 40) == 4            # exactly 4.0, not 5
+    assert planning.warmup_steps(0.03, 10) == 1          # 0.3 -> 1
+    assert planning.warmup_steps(0.0, 189) == 0
+    assert planning.total_optimizer_steps(3, 8, 4, 1, -1) == 1      # never zero
 
 
 def test_cuda_only_optimizer_falls_back_on_cpu():
-    assert training.resolve_optim("paged_adamw_8bit", "cpu")[0] == "adamw_torch"
-    assert "needs CUDA" in training.resolve_optim("paged_adamw_32bit", "cpu")[1][0]
-    assert training.resolve_optim("paged_adamw_8bit", "cuda") == ("paged_adamw_8bit", [])
+    assert planning.resolve_optim("paged_adamw_8bit", "cpu")[0] == "adamw_torch"
+    assert "needs CUDA" in planning.resolve_optim("paged_adamw_32bit", "cpu")[1][0]
+    assert planning.resolve_optim("paged_adamw_8bit", "cuda") == ("paged_adamw_8bit", [])
 
 
 def test_collator_pads_labels_and_packed_positions():
-    collate = training.Collator(pad_token_id=3)
+    collate = Collator(pad_token_id=3)
     out = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                    {"input_ids": [8], "labels": [8]}])
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
@@ -211,25 +213,49 @@ def test_cuda_oom_halves_batch_and_doubles_accumulation(monkeypatch, caplog, tin
     params, _ = make_params(tiny_model, SHORT)  # fit is faked: no model is built
     tried = []
 
-    def fake_fit(params, precision, tokenizer, data, run_dir, live_dir, plan):
+    def fake_fit(params, ctx, tokenizer, data, run_dir, live_dir, plan):
         tried.append((plan.batch, plan.accum))
         if plan.batch > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return "trainer", None, 1.0
+        return training.Attempt("trainer", None, 1.0, plan, ctx)
 
     monkeypatch.setattr(training, "fit", fake_fit)
-    cuda = modeling.Precision("cuda", torch.bfloat16, True, False, ())
+    cuda = run_context.build(params, modeling.Precision("cuda", torch.bfloat16, True, False, ()))
     rows = ([0] * TRAIN_ROWS, [0] * 8)
     with caplog.at_level(logging.WARNING, logger="medqlora.training"):
-        *_, plan = training.fit_adaptive(params, cuda, None, rows, tmp_path, tmp_path)
+        plan = training.fit_adaptive(params, cuda, None, rows, tmp_path, tmp_path).plan
     assert tried == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout
     assert (plan.batch, plan.accum) == (1, 8)
     assert sum("CUDA out of memory" in r.getMessage() for r in caplog.records) == 2
-    cpu = modeling.Precision("cpu", torch.bfloat16, True, False, ())
+    cpu = run_context.build(params, modeling.Precision("cpu", torch.bfloat16, True, False, ()))
     tried.clear()
     with pytest.raises(torch.cuda.OutOfMemoryError):  # no retry off CUDA
         training.fit_adaptive(params, cpu, None, rows, tmp_path, tmp_path)
     assert tried == [(4, 2)]
+
+
+def test_run_context_records_the_optimizer_that_runs(tiny_model, monkeypatch):
+    params, _ = make_params(tiny_model, {"train.optim": "adamw_torch",
+                                         "train.fast_path.enabled": "auto"})
+    cuda = modeling.Precision("cuda", torch.bfloat16, True, False, ())
+    cpu = modeling.Precision("cpu", torch.float32, False, False, ())
+    # auto: the fast path runs on CUDA only, and with it the fused AdamW
+    assert run_context.build(params, cuda).optim == "adamw_torch_fused"
+    assert run_context.build(params, cpu).optim == "adamw_torch"
+    paged, _ = make_params(tiny_model, {"train.optim": "paged_adamw_8bit"})
+    ctx = run_context.build(paged, cpu)
+    assert ctx.optim == "adamw_torch" and "needs CUDA" in ctx.notes[0]
+    assert (ctx.world_size, ctx.rank, ctx.strategy, ctx.is_main) == (1, 0, "single", True)
+    record = ctx.as_dict()
+    assert {k: record[k] for k in ("device", "compute_dtype", "mixed_precision", "optim",
+                                   "strategy", "attn_implementation")} == {
+        "device": "cpu", "compute_dtype": "float32", "mixed_precision": "no",
+        "optim": "adamw_torch", "strategy": "single", "attn_implementation": None}
+    assert record["fast_path"]["fused_optimizer"] is False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    two = run_context.build(params, cpu)  # a CPU launch is DDP over gloo, whatever was asked
+    assert (two.world_size, two.rank, two.strategy, two.is_main) == (2, 1, "ddp", False)
 
 
 def _guard_log(guard, state, control, step: int, **logs) -> None:
@@ -239,7 +265,7 @@ def _guard_log(guard, state, control, step: int, **logs) -> None:
 
 def test_divergence_guard_stops_a_loss_far_above_its_start_and_saves_nothing_meanwhile():
     from transformers import TrainerControl, TrainerState
-    guard = training.DivergenceGuard(factor=4.0, steps=3)
+    guard = DivergenceGuard(factor=4.0, steps=3)
     state, control = TrainerState(), TrainerControl()
     guard.on_train_begin(None, state, control)
     _guard_log(guard, state, control, 1, loss=2.0)   # the start: the limit is 4 x 2.0 = 8.0
@@ -251,14 +277,14 @@ def test_divergence_guard_stops_a_loss_far_above_its_start_and_saves_nothing_mea
     guard.on_step_end(None, state, control)          # a save step between two logs
     assert control.should_save is False
     _guard_log(guard, state, control, 4, loss=9.0)   # 2 steps
-    with pytest.raises(training.Diverged) as err:
+    with pytest.raises(Diverged) as err:
         _guard_log(guard, state, control, 5, loss=9.5)  # 3 steps = train.divergence_steps
     assert str(err.value) == (
         "train: diverged at step 5: the training loss (9.5) has stayed above "
         "train.divergence_factor x its first logged value (4 x 2 = 8) for 3 steps "
         "(train.divergence_steps: 3)")
     # Coming back below resets the count and allows saving again.
-    guard = training.DivergenceGuard(factor=4.0, steps=3)
+    guard = DivergenceGuard(factor=4.0, steps=3)
     guard.on_train_begin(None, state, control)
     for step, loss in ((1, 2.0), (2, 9.0), (3, 9.0), (4, 3.0), (5, 9.0), (6, 9.0)):
         _guard_log(guard, state, control, step, loss=loss)
@@ -272,15 +298,15 @@ def test_divergence_guard_replays_history_on_resume_and_can_be_turned_off():
     state, control = TrainerState(), TrainerControl()
     state.log_history = [{"eval_loss": 2.2, "step": 0}, {"loss": 2.0, "step": 1},
                          {"loss": 8.5, "step": 2}, {"loss": 8.6, "step": 3}]
-    guard = training.DivergenceGuard(factor=4.0, steps=3)
+    guard = DivergenceGuard(factor=4.0, steps=3)
     guard.on_train_begin(None, state, control)       # resumed at step 3: above since step 1
     assert (guard.start, guard.last_ok, guard.above) == (2.0, 1, True)
-    with pytest.raises(training.Diverged, match="at step 4: .* for 3 steps"):
+    with pytest.raises(Diverged, match="at step 4: .* for 3 steps"):
         _guard_log(guard, state, control, 4, loss=8.7)
-    off = training.DivergenceGuard(factor=None, steps=3)
+    off = DivergenceGuard(factor=None, steps=3)
     off.on_train_begin(None, state, control)
     _guard_log(off, state, control, 9, loss=1e6)     # factor null: no limit on a finite loss
-    with pytest.raises(training.Diverged, match="^train: diverged at step 10: loss is nan$"):
+    with pytest.raises(Diverged, match="^train: diverged at step 10: loss is nan$"):
         _guard_log(off, state, control, 10, loss=float("nan"))  # never off for non-finite
 
 
@@ -293,13 +319,13 @@ def test_divergence_guard_replays_history_on_resume_and_can_be_turned_off():
 ])
 def test_divergence_guard_refuses_non_finite_logs(logs, scaled, message):
     from transformers import TrainerControl, TrainerState
-    guard = training.DivergenceGuard(factor=4.0, steps=20, scaled=scaled)
+    guard = DivergenceGuard(factor=4.0, steps=20, scaled=scaled)
     state, control = TrainerState(), TrainerControl()
     guard.on_train_begin(None, state, control)
     if message is None:
         _guard_log(guard, state, control, 7, **logs)
     else:
-        with pytest.raises(training.Diverged, match=message):
+        with pytest.raises(Diverged, match=message):
             _guard_log(guard, state, control, 7, **logs)
 
 
@@ -312,15 +338,15 @@ def test_divergence_guard_checks_gradients_before_the_optimizer_step():
     model[0].weight.grad[0, 0] = float("nan")        # a frozen tensor is not checked
     state, control = TrainerState(), TrainerControl()
     state.global_step = 4
-    guard = training.DivergenceGuard(factor=None, steps=1)
+    guard = DivergenceGuard(factor=None, steps=1)
     guard.on_pre_optimizer_step(None, state, control, model=model)  # trainable grads finite
     model[1].weight.grad[0, 1] = float("inf")
-    with pytest.raises(training.Diverged) as err:
+    with pytest.raises(Diverged) as err:
         guard.on_pre_optimizer_step(None, state, control, model=model)
     assert str(err.value) == ("train: diverged at step 5: the gradient is not finite in 1 of 3 "
                               "trainable tensors (first: 1.weight); the loss or its gradient "
                               "overflowed, the optimizer step was not taken")
-    scaled = training.DivergenceGuard(factor=None, steps=1, scaled=True)
+    scaled = DivergenceGuard(factor=None, steps=1, scaled=True)
     scaled.on_pre_optimizer_step(None, state, control, model=model)  # fp16: the scaler skips
 
 
@@ -372,6 +398,15 @@ def test_short_run_learns_and_writes_a_safetensors_only_adapter(short_run, base,
     assert meta["base"] == {"id": str(base), "revision": None, "sha256": sha256_tree(base)}
     assert meta["inputs"]["prepared"]["sha256"] == sha256_tree(data)
     assert meta["precision"]["compute_dtype"] == "bfloat16"
+    # The run as it ran (RunContext): one CPU process, fast path off (auto: CUDA only), the
+    # optimizer of params.yaml, the attention kernel model.attn_implementation asked for.
+    assert meta["run"] == metrics["run"]
+    assert {k: meta["run"][k] for k in ("device", "world_size", "rank", "strategy", "optim",
+                                         "attn_implementation", "mixed_precision")} == {
+        "device": "cpu", "world_size": 1, "rank": 0, "strategy": "single",
+        "optim": "adamw_torch", "attn_implementation": "sdpa", "mixed_precision": "bf16"}
+    assert not any(v for k, v in meta["run"]["fast_path"].items()
+                   if k not in ("checkpoint_policy", "notes"))
     model, quant, precision = modeling.settings_from_meta(meta)
     assert model.base == str(base) and quant.load_in_4bit and precision.compute_dtype is torch.bfloat16
 
@@ -458,7 +493,7 @@ def test_rerun_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(short_
                                                                           tmp_path, caplog):
     # Killed after checkpoint-6 (the last step) but before the outputs were written: the
     # re-run resumes there. transformers enters its step loop before checking max_steps, so
-    # without training.StopAtEnd it trained a 7th step and the adapter differed.
+    # without callbacks.StopAtEnd it trained a 7th step and the adapter differed.
     params, metrics, paths = short_run
     shutil.copytree(paths["ckpt"], tmp_path / "ckpt")
     with caplog.at_level(logging.INFO, logger="medqlora.training"):

@@ -1,0 +1,41 @@
+"""Collation: the rows of one micro-batch as padded tensors the model takes.
+
+    collator = Collator(tokenizer.pad_token_id)     # medqlora/training.py hands it to the Trainer
+
+The fast path (medqlora/fastpath.py, train.fast_path.padding_free) wraps it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Collator:
+    """Pads a batch to its longest row: input_ids with the pad id, labels with -100.
+
+    Unpacked rows get an attention_mask (1 on real tokens). Packed rows (train_packed.parquet)
+    carry position_ids that restart at 0 for every example; they get no attention_mask, so
+    transformers builds a block-diagonal causal mask from the position_ids and examples packed
+    together do not attend to each other. Their padding is given positions 0..k-1 as well,
+    which makes it one more (fully masked-out, label -100) "example".
+    """
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(row["input_ids"]) for row in rows)
+        packed = "position_ids" in rows[0]
+        batch: dict[str, list] = {"input_ids": [], "labels": []}
+        batch["position_ids" if packed else "attention_mask"] = []
+        for row in rows:
+            size = len(row["input_ids"])
+            pad = longest - size
+            batch["input_ids"].append(list(row["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(row["labels"]) + [-100] * pad)
+            if packed:
+                batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append([1] * size + [0] * pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
