@@ -111,7 +111,8 @@ def suite(name: str) -> list[dict]:
              row("fast, ckpt all", arch="llama-3-8b", checkpoint_policy="all")]
     return {"llama": llama, "main": main + ablations[:5] + parity,
             "extra": main + extra + ablations[5:],
-            "medical": medical[:2] + parity_medical, "fixed": main + llama_pair + medical[2:],
+            "medical": medical[:2] + parity_medical,
+            "fixed": main + llama_pair + [medical[0], medical[2]],
             "all": main + extra + ablations + parity + parity_medical}[name]
 
 
