@@ -47,7 +47,8 @@ def test_config_exports_each_class_with_the_schema_keys_and_no_defaults(path, na
     cls = getattr(config, name)
     assert cls is getattr(settings, name)
     extras = [key for key, _, _ in make_settings.EXTRA_FIELDS.get(name, [])]
-    assert [f.name for f in dataclasses.fields(cls)] == [*node["properties"], *extras]
+    assert [f.name for f in dataclasses.fields(cls)] == [*node["properties"], *extras], \
+        f"{path or '(top level)'}: {name} does not declare the schema's keys in order"
     # A default here would be a second declaration that the schema's could leave.
     assert [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
             or f.default_factory is not dataclasses.MISSING] == []
