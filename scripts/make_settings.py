@@ -115,7 +115,7 @@ def classes(schema: dict) -> list[tuple[str, str, dict]]:
             if _object_of(sub):
                 visit(_join(path, name, sub), _object_of(sub))
         if path not in CLASSES:
-            raise SchemaError(f"{path}: no class name for this schema object; add one to "
+            raise SchemaError(f"{path or '(top level)'}: no class name for this schema object; add one to "
                               "CLASSES in scripts/make_settings.py")
         out.append((path, CLASSES[path], node))
 
@@ -127,13 +127,13 @@ def classes(schema: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _docstring(text: str, indent: str) -> str:
-    """`text` as a docstring wrapped to WIDTH; escapes what would end it early."""
+def _docstring(text: str) -> str:
+    """`text` as a class-body docstring wrapped to WIDTH; escapes what would end it early."""
     text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     if text.endswith('"'):
         text = text[:-1] + '\\"'
-    return textwrap.fill(text, WIDTH - 3, initial_indent=f'{indent}"""',
-                         subsequent_indent=indent, break_long_words=False,
+    return textwrap.fill(text, WIDTH - 3, initial_indent='    """',
+                         subsequent_indent="    ", break_long_words=False,
                          break_on_hyphens=False) + '"""'
 
 
@@ -149,13 +149,13 @@ def render_class(path: str, name: str, node: dict) -> str:
     """One frozen dataclass: a docstring from the object's description, then each key."""
     base = f"({METHODS[name]})" if name in METHODS else ""
     summary = f"{path or 'params.yaml'}: {_description(path, node)}"
-    lines = ["@dataclass(frozen=True)", f"class {name}{base}:", _docstring(summary, "    ")]
+    lines = ["@dataclass(frozen=True)", f"class {name}{base}:", _docstring(summary)]
     for key, sub in node["properties"].items():
         where = _join(path, key, sub)
         lines += [f"    {key}: {annotation(sub, CLASSES.get(where))}",
-                  _docstring(_description(where, sub), "    ")]
+                  _docstring(_description(where, sub))]
     for key, kind, text in EXTRA_FIELDS.get(name, []):
-        lines += [f"    {key}: {kind}", _docstring(text, "    ")]
+        lines += [f"    {key}: {kind}", _docstring(text)]
     return "\n".join(lines) + "\n"
 
 
