@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast validate data model clean-venv llama-cpp
+.PHONY: setup repro test test-fast validate data model settings clean-venv llama-cpp
 
 setup: $(STAMP) $(SSH_HOOK)
 
@@ -57,6 +57,11 @@ data: setup
 	$(BIN)/python scripts/make_dataset.py
 model: setup
 	$(BIN)/python scripts/make_tiny_model.py
+
+# Regenerate medqlora/settings.py (the typed params) after editing schema/params.schema.json;
+# tests/test_config_schema.py fails until the two agree.
+settings: setup
+	$(BIN)/python scripts/make_settings.py
 
 clean-venv:
 	rm -rf $(VENV)

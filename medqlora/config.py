@@ -13,7 +13,6 @@ import difflib
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,18 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from medqlora import sources as source_rules
+# Params are declared once, in the schema (descriptions, types, defaults, enums, bounds). The
+# dataclasses that give the stages attribute access and types are generated from it into
+# medqlora/settings.py (`python scripts/make_settings.py`) and declare nothing else: defaults
+# are filled from the schema before building. Stages import them from here.
+from medqlora.settings import (BenchmarkParams, DataParams, DistributedParams, EvaluateParams,
+                               FastPathParams, LoraParams, MergeParams, ModelParams,
+                               PackageParams, Params, QuantizationParams, RunnerParams, Source,
+                               TrainParams)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "params.schema.json"
-SECTIONS = ("seed", "data", "model", "quantization", "lora", "train", "evaluate", "merge",
-            "package", "runner")
+# The schema's top-level keys, in its order (Params declares them, then `raw`).
+SECTIONS = tuple(field.name for field in dataclasses.fields(Params) if field.name != "raw")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Bounds on what a params file may cost to read, so a hostile file (a "billion laughs" of
 # nested YAML aliases: 9 levels x 9 copies = 387 million values from a few hundred bytes)
@@ -42,200 +49,6 @@ class ParamsError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-# ---------------------------------------------------------------- typed settings
-# Params are declared once, in the schema (descriptions, types, defaults, enums, bounds); these
-# classes give the stages attribute access and types, and declare nothing else: defaults are
-# filled from the schema before building. tests/test_config_schema.py derives each field's type
-# from the schema and fails when a class and its schema object differ.
-
-@dataclass(frozen=True)
-class Source:
-    path: str
-    format: str
-    fields: dict[str, str]
-
-
-@dataclass(frozen=True)
-class DataParams:
-    sources: tuple[Source, ...]
-    on_invalid: str
-    max_errors_reported: int
-    val_fraction: float
-    test_fraction: float
-    max_seq_length: int
-    overlength: str
-    packing: bool
-    system_prompt: str
-    phi: str
-    on_contamination: str
-    contamination_threshold: float
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    base: str
-    revision: str | None
-    trust_remote_code: bool
-    attn_implementation: str
-
-    @property
-    def is_local(self) -> bool:
-        """True when `base` is a folder on disk rather than a hub id."""
-        try:
-            return Path(self.base).is_dir()
-        except OSError:  # a name longer than the file system allows is no folder
-            return False
-
-
-@dataclass(frozen=True)
-class QuantizationParams:
-    load_in_4bit: bool
-    bnb_4bit_quant_type: str
-    bnb_4bit_use_double_quant: bool
-    bnb_4bit_compute_dtype: str
-    bnb_4bit_quant_storage: str
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: tuple[str, ...] | str
-    bias: str
-    use_rslora: bool
-    use_dora: bool
-
-
-@dataclass(frozen=True)
-class FastPathParams:
-    """train.fast_path: the switches of medqlora/fastpath.py (meanings in the schema)."""
-    enabled: str
-    fused_kernels: bool
-    fused_cross_entropy: bool
-    fused_lora: bool
-    frozen_in_compute_dtype: bool
-    padding_free: bool
-    varlen_attention: bool
-    checkpoint_policy: str
-    fused_optimizer: bool
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    num_train_epochs: float
-    max_steps: int
-    per_device_train_batch_size: int
-    per_device_eval_batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    lr_scheduler_type: str
-    warmup_ratio: float
-    weight_decay: float
-    max_grad_norm: float
-    optim: str
-    mixed_precision: str
-    gradient_checkpointing: bool
-    logging_steps: int
-    eval_steps: int
-    save_steps: int
-    save_total_limit: int
-    early_stopping_patience: int
-    early_stopping_threshold: float
-    divergence_factor: float | None
-    divergence_steps: int
-    adaptive_batch_size: bool
-    init_adapter: str | None
-    memory_budget_gib: float | None
-    fast_path: FastPathParams
-
-
-@dataclass(frozen=True)
-class BenchmarkParams:
-    """evaluate.benchmarks[i]: one lm-evaluation-harness task on a local public file."""
-    task: str
-    path: str
-    fewshot_path: str | None
-    num_fewshot: int
-    limit: int | None
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    max_examples: int | None
-    max_new_tokens: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    batch_size: int
-    bootstrap_samples: int
-    compare_base: bool
-    benchmark_batch_size: int
-    benchmarks: tuple[BenchmarkParams, ...]
-
-
-@dataclass(frozen=True)
-class MergeParams:
-    enabled: bool
-    into: str
-    dtype: str
-    parity_prompts: int
-    max_abs_logit_diff: float
-    min_top1_agreement: float
-    max_effect_lost: float
-    requantize: bool
-    max_shard_size: str
-
-
-@dataclass(frozen=True)
-class PackageParams:
-    name: str
-    include_merged: bool
-    license: str
-
-
-@dataclass(frozen=True)
-class DistributedParams:
-    num_processes: int
-    num_machines: int
-    machine_rank: int
-    main_process_ip: str | None
-    main_process_port: int
-    strategy: str
-    keep_effective_batch: bool
-
-
-@dataclass(frozen=True)
-class RunnerParams:
-    backend: str
-    image: str | None
-    gpus: str | int | tuple[str, ...]
-    shm_size: str
-    env: tuple[str, ...]
-    mounts: tuple[str, ...]
-    network: str
-    distributed: DistributedParams
-
-
-@dataclass(frozen=True)
-class Params:
-    seed: int
-    data: DataParams
-    model: ModelParams
-    quantization: QuantizationParams
-    lora: LoraParams
-    train: TrainParams
-    evaluate: EvaluateParams
-    merge: MergeParams
-    package: PackageParams
-    runner: RunnerParams
-    raw: dict[str, Any]  # the validated mapping with defaults filled, for meta.json
-
-    def section(self, *names: str) -> dict[str, Any]:
-        """The resolved values of some sections, e.g. what a stage records in meta.json."""
-        return {name: self.raw[name] for name in names}
 
 
 # ---------------------------------------------------------------- loading

@@ -1,124 +1,129 @@
-"""Params are declared once: schema/params.schema.json; medqlora/config.py's dataclasses are
-the typed view of it, checked here so the two cannot drift.
+"""Params are declared once: schema/params.schema.json. medqlora/settings.py, the dataclasses
+the stages use (through medqlora.config), is generated from it by scripts/make_settings.py.
 
-The schema holds everything about a key (description, type, default, enum, bounds); each
-dataclass declares only the names and Python types of one object of the schema, in the
-schema's order, and no default (defaults are filled from the schema before the dataclasses
-are built). The expected annotation of every field is derived from the schema below
-(`annotation`) and compared with the one written in config.py, section by section.
+The committed file must be exactly what the generator writes for the committed schema; the
+other tests show that the generator follows the schema (a changed type, a new key) and refuses
+what it cannot name (an object without a class name, a key without a description).
 """
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import sys
 
 import pytest
 
-from medqlora import config
-from medqlora.config import Params, load_schema
+from conftest import ROOT
+from medqlora import config, settings
 
-SCALARS = {"integer": "int", "number": "float", "boolean": "bool", "string": "str",
-           "null": "None"}
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_settings  # noqa: E402  (a script, not a package)
 
-
-def annotation(node: dict, nested: str | None = None) -> str:
-    """The Python annotation of a schema node, as config.py writes it.
-
-    `nested`: the dataclass name config.py gives an object (or array of objects) with
-    properties; the schema has no class names, so the check takes them from config.py and
-    then checks that class against the object's properties.
-    """
-    if "oneOf" in node:
-        return " | ".join(annotation(branch, nested) for branch in node["oneOf"])
-    if "const" in node:
-        return SCALARS[_json_type(node["const"])]
-    kind = node.get("type")
-    if kind is None and "enum" in node:  # a closed choice: the type of its values
-        return " | ".join(dict.fromkeys(SCALARS[_json_type(v)] for v in node["enum"]))
-    if isinstance(kind, list):
-        return " | ".join(SCALARS[k] for k in kind)
-    if kind == "array":
-        return f"tuple[{annotation(node['items'], nested)}, ...]"
-    if kind == "object":
-        if "properties" in node:
-            assert nested, f"an object with properties needs a dataclass: {node}"
-            return nested
-        return f"dict[str, {annotation(node['additionalProperties'])}]"
-    return SCALARS[kind]
+SCHEMA = config.load_schema()
 
 
-def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    return "number" if isinstance(value, float) else "string"
+def test_settings_py_is_what_the_schema_generates():
+    committed = make_settings.OUT.read_text(encoding="utf-8")
+    assert committed == make_settings.render(SCHEMA), (
+        "medqlora/settings.py differs from what schema/params.schema.json generates: run "
+        f"`{make_settings.COMMAND}` (or `make settings`) and commit the result")
 
 
-def _nested_class(annotation_text: str) -> str | None:
-    """The config dataclass an annotation names (`DataParams`, `tuple[Source, ...]`)."""
-    for word in annotation_text.replace("[", " ").replace(",", " ").replace("]", " ").split():
-        if dataclasses.is_dataclass(getattr(config, word, None)):
-            return word
-    return None
+def test_every_object_of_the_schema_has_its_class():
+    found = [(path, name) for path, name, _ in make_settings.classes(SCHEMA)]
+    assert found == [("data.sources[i]", "Source"), ("data", "DataParams"),
+                     ("model", "ModelParams"), ("quantization", "QuantizationParams"),
+                     ("lora", "LoraParams"), ("train.fast_path", "FastPathParams"),
+                     ("train", "TrainParams"), ("evaluate.benchmarks[i]", "BenchmarkParams"),
+                     ("evaluate", "EvaluateParams"), ("merge", "MergeParams"),
+                     ("package", "PackageParams"), ("runner.distributed", "DistributedParams"),
+                     ("runner", "RunnerParams"), ("", "Params")]
 
 
-def sections() -> list[tuple[str, type, dict]]:
-    """(key path, dataclass, schema object) for Params and every nested dataclass."""
-    out, todo = [], [("(top level)", Params, load_schema())]
-    while todo:
-        path, cls, node = todo.pop(0)
-        out.append((path, cls, node))
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, sub in node["properties"].items():
-            nested = _nested_class(hints.get(name, ""))
-            if nested:
-                obj = sub["items"] if sub.get("type") == "array" else sub
-                todo.append((name if path == "(top level)" else f"{path}.{name}",
-                             getattr(config, nested), obj))
-    return out
+@pytest.mark.parametrize("path,name,node", make_settings.classes(SCHEMA),
+                         ids=[name for _, name, _ in make_settings.classes(SCHEMA)])
+def test_config_exports_each_class_with_the_schema_keys_and_no_defaults(path, name, node):
+    cls = getattr(config, name)
+    assert cls is getattr(settings, name)
+    extras = [key for key, _, _ in make_settings.EXTRA_FIELDS.get(name, [])]
+    assert [f.name for f in dataclasses.fields(cls)] == [*node["properties"], *extras], \
+        f"{path or '(top level)'}: {name} does not declare the schema's keys in order"
+    # A default here would be a second declaration that the schema's could leave.
+    assert [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING] == []
 
 
-SECTIONS = sections()
+def test_the_hand_written_methods_survive():
+    params = config.build_params(config.read_yaml(ROOT / "params.yaml"))
+    assert params.section("seed", "lora") == {"seed": params.seed, "lora": params.raw["lora"]}
+    assert params.model.is_local  # the embedded default's tiny model is a folder
+    assert not dataclasses.replace(params.model, base="mistralai/Mistral-7B-v0.1").is_local
+    assert config.SECTIONS == tuple(SCHEMA["properties"])
 
 
-def test_every_object_of_the_schema_has_its_dataclass():
-    paths = [path for path, _, _ in SECTIONS]
-    assert paths == ["(top level)", "data", "model", "quantization", "lora", "train", "evaluate",
-                     "merge", "package", "runner", "data.sources", "train.fast_path",
-                     "evaluate.benchmarks", "runner.distributed"]
+def _class_body(text: str, name: str) -> list[ast.stmt]:
+    """The statements of class `name` in a generated module."""
+    return next(node.body for node in ast.parse(text).body
+                if isinstance(node, ast.ClassDef) and node.name == name)
 
 
-@pytest.mark.parametrize("path,cls,node", SECTIONS, ids=[p for p, _, _ in SECTIONS])
-def test_dataclass_declares_the_schema_keys_in_order_with_their_types(path, cls, node):
-    fields = [f for f in dataclasses.fields(cls) if not (cls is Params and f.name == "raw")]
-    declared = {f.name: f.type for f in fields}
-    expected = {name: annotation(sub, _nested_class(declared.get(name, "")))
-                for name, sub in node["properties"].items()}
-    assert list(declared) == list(expected), f"{path}: keys differ from the schema's"
-    wrong = {name: (declared[name], want) for name, want in expected.items()
-             if declared[name] != want}
-    assert not wrong, f"{path}: config.py type vs schema type: {wrong}"
+def _fields(text: str, name: str) -> list[str]:
+    """`key: annotation` of each field of class `name` in a generated module."""
+    return [f"{node.target.id}: {ast.unparse(node.annotation)}"
+            for node in _class_body(text, name) if isinstance(node, ast.AnnAssign)]
 
 
-@pytest.mark.parametrize("path,cls,node", SECTIONS, ids=[p for p, _, _ in SECTIONS])
-def test_defaults_and_choices_live_in_the_schema_only(path, cls, node):
-    # A default in a dataclass would be a second declaration that the schema's could leave.
-    with_default = [f.name for f in dataclasses.fields(cls)
-                    if f.default is not dataclasses.MISSING
-                    or f.default_factory is not dataclasses.MISSING]
-    assert with_default == []
-    undocumented = [name for name, sub in node["properties"].items() if not sub.get("description")]
-    assert undocumented == [], f"{path}: schema keys without a description"
+def test_an_edited_schema_generates_a_different_module():
+    schema = copy.deepcopy(SCHEMA)
+    lora = schema["properties"]["lora"]["properties"]
+    assert _fields(make_settings.render(schema), "LoraParams")[:2] == ["r: int",
+                                                                       "lora_alpha: float"]
+    lora["r"]["type"] = "number"
+    lora["use_qalora"] = {"description": "New switch.", "type": ["boolean", "null"]}
+    text = make_settings.render(schema)
+    assert text != make_settings.OUT.read_text(encoding="utf-8")
+    fields = _fields(text, "LoraParams")
+    assert fields[0] == "r: float"
+    assert fields[-1] == "use_qalora: bool | None"
 
 
-def test_the_derivation_catches_drift():
-    # The check above can fail: a renamed key, a changed type and a new enum value type each do.
-    assert annotation({"type": ["number", "null"]}) == "float | None"
-    assert annotation({"oneOf": [{"type": "array", "items": {"type": "string"}},
-                                 {"const": "all-linear"}]}) == "tuple[str, ...] | str"
-    assert annotation({"enum": ["a", "b", None]}) == "str | None"
-    assert annotation({"type": "object", "additionalProperties": {"type": "string"}}) \
-        == "dict[str, str]"
-    assert annotation({"type": "integer"}) != "float"
+def test_an_object_without_a_class_name_or_a_key_without_description_is_refused():
+    schema = copy.deepcopy(SCHEMA)
+    schema["properties"]["train"]["properties"]["fast_path"]["properties"]["paged"] = {
+        "description": "A new nested object.", "type": "object",
+        "properties": {"on": {"description": "On.", "type": "boolean"}}}
+    with pytest.raises(make_settings.SchemaError, match=r"^train\.fast_path\.paged: no class"):
+        make_settings.render(schema)
+    schema = copy.deepcopy(SCHEMA)
+    del schema["properties"]["runner"]["properties"]["distributed"]
+    with pytest.raises(make_settings.SchemaError, match="names runner.distributed, which"):
+        make_settings.render(schema)
+    schema = copy.deepcopy(SCHEMA)
+    del schema["properties"]["lora"]["properties"]["r"]["description"]
+    with pytest.raises(make_settings.SchemaError, match=r"^lora\.r: no description"):
+        make_settings.render(schema)
+
+
+def test_a_description_with_quotes_and_backslashes_stays_one_docstring():
+    schema = copy.deepcopy(SCHEMA)
+    text = 'A regex \\d+ or """three quotes""", ending on "all-linear"'
+    schema["properties"]["lora"]["properties"]["bias"]["description"] = text
+    body = _class_body(make_settings.render(schema), "LoraParams")
+    after = {prev.target.id: node.value.value for prev, node in zip(body, body[1:])
+             if isinstance(prev, ast.AnnAssign)}
+    assert " ".join(after["bias"].split()) == text
+
+
+def test_the_annotation_of_each_kind_of_schema_node():
+    assert make_settings.annotation({"type": ["number", "null"]}) == "float | None"
+    assert make_settings.annotation({"oneOf": [{"type": "array", "items": {"type": "string"}},
+                                               {"const": "all-linear"}]}) \
+        == "tuple[str, ...] | str"
+    assert make_settings.annotation({"enum": ["a", "b", None]}) == "str | None"
+    assert make_settings.annotation({"enum": [True, 1, 2.5]}) == "bool | int | float"
+    assert make_settings.annotation({"type": "object", "additionalProperties": {
+        "type": "string"}}) == "dict[str, str]"
+    assert make_settings.annotation({"type": "array", "items": {
+        "type": "object", "properties": {}}}, "Source") == "tuple[Source, ...]"
+    assert make_settings.annotation({"type": "integer"}) == "int"
