@@ -24,8 +24,10 @@ class Collator:
     """
     pad_token_id: int
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(row["input_ids"]) for row in rows)
+    def __call__(self, rows: list[dict[str, Any]],
+                 pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """`pad_to`: pad to at least this many tokens (one shape for every micro-batch)."""
+        longest = max(max(len(row["input_ids"]) for row in rows), pad_to or 0)
         packed = "position_ids" in rows[0]
         batch: dict[str, list] = {"input_ids": [], "labels": []}
         batch["position_ids" if packed else "attention_mask"] = []

@@ -192,7 +192,7 @@ class PaddingFree:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(row["input_ids"]) for row in rows]
         if "position_ids" in rows[0]:
-            batch = self._padded_packed(rows, max(max(lengths), self.pad_to or 0))
+            batch = self.inner(rows, pad_to=self.pad_to)
         elif 1 - sum(lengths) / (max(lengths) * len(rows)) < self.min_saving:
             batch = self.inner(rows)
         else:
@@ -207,18 +207,6 @@ class PaddingFree:
     def efficiency(self) -> float | None:
         """Real tokens / positions computed, over every micro-batch so far."""
         return self.real_tokens / self.positions if self.positions else None
-
-    def _padded_packed(self, rows, width: int) -> dict[str, torch.Tensor]:
-        pad_id = self.inner.pad_token_id
-        ids, labels, positions = [], [], []
-        for row in rows:
-            pad = width - len(row["input_ids"])
-            ids.append(list(row["input_ids"]) + [pad_id] * pad)
-            labels.append(list(row["labels"]) + [-100] * pad)
-            positions.append(list(row["position_ids"]) + list(range(pad)))
-        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_long(ids), "labels": as_long(labels),
-                "position_ids": as_long(positions)}
 
     @staticmethod
     def _one_row(rows) -> dict[str, torch.Tensor]:
