@@ -88,9 +88,19 @@ def _source(model: ModelParams) -> dict[str, Any]:
     return kwargs
 
 
+# How a tokenizer was loaded, not what it is: transformers keeps these in init_kwargs and
+# save_pretrained writes them into tokenizer_config.json, so a tokenizer loaded with
+# HF_HUB_OFFLINE=1 (make repro) would be saved differently from one loaded without it
+# (a bare `dvc repro`), and the same inputs would give different adapter bytes.
+LOAD_ONLY_KWARGS = ("local_files_only", "cache_dir", "force_download", "proxies", "token")
+
+
 def _with_pad(tokenizer):
+    """The tokenizer with a pad token (eos when it has none) and no load-time options."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    for key in LOAD_ONLY_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
     return tokenizer
 
 

@@ -609,3 +609,21 @@ def test_a_diverging_run_exits_1_publishes_nothing_and_keeps_the_last_good_check
     assert checkpoints.latest_complete(run_dir) == run_dir / "checkpoint-2"  # resumable
     weights = load_file(str(run_dir / "checkpoint-2" / "adapter_model.safetensors"))
     assert len(weights) == 28 and all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_saved_tokenizer_does_not_depend_on_offline_mode(tmp_path, monkeypatch):
+    # make repro sets HF_HUB_OFFLINE=1, a bare `dvc repro` may not: transformers records the
+    # resulting local_files_only in tokenizer_config.json unless load_tokenizer drops it, and
+    # the adapter's bytes (hence every downstream DVC hash) would follow the shell.
+    model = build_params(yaml.safe_load((ROOT / "params.yaml").read_text())).model
+    saved = []
+    for offline in ("1", None):
+        if offline is None:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        out = tmp_path / f"offline-{offline}"
+        modeling.load_tokenizer(model).save_pretrained(str(out))
+        saved.append((out / "tokenizer_config.json").read_text())
+        assert "local_files_only" not in json.loads(saved[-1])
+    assert saved[0] == saved[1]
