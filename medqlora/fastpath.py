@@ -58,6 +58,11 @@ class Plan:
     fused_optimizer: bool
     notes: tuple[str, ...]
 
+    @classmethod
+    def off(cls, notes: tuple[str, ...] = ()) -> "Plan":
+        """Every switch off: the plain recipe (fast path off, or not applicable here)."""
+        return cls(False, False, False, False, False, False, "all", False, notes)
+
     @property
     def any(self) -> bool:
         """True when at least one switch changes something."""
@@ -75,7 +80,7 @@ def resolve(fast: FastPathParams, device: str) -> Plan:
     """Which switches run on `device` (auto: CUDA only), with a note for each one skipped."""
     on = fast.enabled == "on" or (fast.enabled == "auto" and device == "cuda")
     if not on:
-        return Plan(False, False, False, False, False, False, "all", False, ())
+        return Plan.off()
     notes = []
     want_liger = fast.fused_kernels or fast.fused_cross_entropy
     liger_ok = device == "cuda" and liger_available()

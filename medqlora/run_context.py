@@ -92,8 +92,7 @@ def build(params: Params, precision: modeling.Precision | None = None) -> RunCon
     world_size = launch.world_size()
     how = strategy(params, world_size)
     if how == "fsdp":  # its fused LoRA reads adapter weights FSDP keeps sharded: all off
-        plan = fastpath.Plan(False, False, False, False, False, False, "all", False,
-                             (FSDP_SKIPS_FAST_PATH,))
+        plan = fastpath.Plan.off((FSDP_SKIPS_FAST_PATH,))
     else:
         plan = fastpath.resolve(params.train.fast_path, precision.device)
     optim, notes = planning.effective_optim(params.train.optim, precision.device,
