@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from medqlora import attention
+from medqlora import attention, lora_branch
 from medqlora.config import FastPathParams
-from medqlora.memory import layers_within_budget
+from medqlora.memory import Arch, layers_within_budget
 
 log = logging.getLogger(__name__)
 MIN_PADDING_SAVING = 0.10  # flatten a micro-batch only when it removes >= 10% of its tokens
@@ -54,6 +54,7 @@ class Plan:
     frozen_in_compute_dtype: bool
     padding_free: bool
     varlen_attention: bool
+    micro_batch_tokens: int | None
     checkpoint_policy: str
     fused_optimizer: bool
     notes: tuple[str, ...]
@@ -61,14 +62,15 @@ class Plan:
     @classmethod
     def off(cls, notes: tuple[str, ...] = ()) -> "Plan":
         """Every switch off: the plain recipe (fast path off, or not applicable here)."""
-        return cls(False, False, False, False, False, False, "all", False, notes)
+        return cls(False, False, False, False, False, False, None, "all", False, notes)
 
     @property
     def any(self) -> bool:
         """True when at least one switch changes something."""
         return any((self.fused_kernels, self.fused_cross_entropy, self.fused_lora,
                     self.frozen_in_compute_dtype, self.padding_free, self.varlen_attention,
-                    self.fused_optimizer, self.checkpoint_policy != "all"))
+                    self.micro_batch_tokens is not None, self.fused_optimizer,
+                    self.checkpoint_policy != "all"))
 
 
 def liger_available() -> bool:
@@ -90,7 +92,8 @@ def resolve(fast: FastPathParams, device: str) -> Plan:
     fused_opt = fast.fused_optimizer and device == "cuda"
     return Plan(fast.fused_kernels and liger_ok, fast.fused_cross_entropy and liger_ok,
                 fast.fused_lora, fast.frozen_in_compute_dtype, fast.padding_free,
-                fast.varlen_attention, fast.checkpoint_policy, fused_opt, tuple(notes))
+                fast.varlen_attention, fast.micro_batch_tokens, fast.checkpoint_policy, fused_opt,
+                tuple(notes))
 
 
 # ---------------------------------------------------------------- frozen weights in bf16
@@ -140,16 +143,20 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._peft_forward(x, *args, **kwargs)
     result = self.base_layer(x)
     weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
-    dropped = self.lora_dropout[name](x)
-    if not torch.is_autocast_enabled():  # peft's own test (CUDA autocast), kept for parity
+    dropout = self.lora_dropout[name]
+    autocast = torch.is_autocast_enabled()  # peft's own test (CUDA autocast), kept for parity
+    if isinstance(dropout, torch.nn.Dropout) and dropout.training and 0 < dropout.p < 1:
+        low = lora_branch.dropped_linear(x, weight_a, dropout.p)  # keeps no dropped copy
+    else:
+        low = torch.nn.functional.linear(dropout(x) if autocast else
+                                         dropout(x).to(weight_a.dtype), weight_a)
+    if not autocast:
         # Without autocast, peft computes the branch in the adapter's dtype (fp32) and casts
         # back; do the same so the fused path matches it.
-        low = torch.nn.functional.linear(dropped.to(weight_a.dtype), weight_a)
         out2d = torch.addmm(result.reshape(-1, result.shape[-1]).to(weight_b.dtype),
-                            low.reshape(-1, low.shape[-1]), weight_b.t(),
+                            low.reshape(-1, low.shape[-1]).to(weight_b.dtype), weight_b.t(),
                             alpha=self.scaling[name])
         return out2d.to(result.dtype).view(result.shape)
-    low = torch.nn.functional.linear(dropped, weight_a)
     out2d = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
                         weight_b.t(), alpha=self.scaling[name])
     return out2d.view(result.shape)
@@ -228,6 +235,31 @@ class PaddingFree:
                 "position_ids": as_row(positions)}
 
 
+# ---------------------------------------------------------------- micro-batches by tokens
+
+def micro_batch_rows(batch: int, seq: int, tokens: int | None) -> int:
+    """Rows a micro-batch holds under `tokens` (train.fast_path.micro_batch_tokens): the largest
+    divisor of `batch` (per_device_train_batch_size) that is at most max(1, tokens // seq)."""
+    if tokens is None:
+        return batch
+    most = max(1, tokens // seq)
+    return max(rows for rows in range(1, batch + 1) if batch % rows == 0 and rows <= most)
+
+
+def split_micro_batches(args, seq: int, tokens: int | None):
+    """`args` with per-device batches of micro_batch_rows() rows and gradient accumulation grown
+    by the same factor: an optimizer step sees the same rows in the same order (the sampler
+    is unchanged) and, the Trainer dividing the summed loss by the step's label count
+    (num_items_in_batch), the same loss."""
+    batch = args.per_device_train_batch_size
+    rows = micro_batch_rows(batch, seq, tokens)
+    if rows == batch:
+        return args
+    return dataclasses.replace(args, per_device_train_batch_size=rows,
+                               gradient_accumulation_steps=args.gradient_accumulation_steps
+                               * (batch // rows))
+
+
 # ---------------------------------------------------------------- checkpoint policy
 
 def decoder_layers(model) -> list:
@@ -236,19 +268,21 @@ def decoder_layers(model) -> list:
             and type(m).__name__.endswith("DecoderLayer")]
 
 
-def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int) -> int:
-    """Apply the checkpoint policy; returns how many decoder layers skip recompute."""
+def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int,
+                      dropout_copies: bool) -> int:
+    """Apply the checkpoint policy; returns how many decoder layers skip recompute.
+    `dropout_copies`: peft's LoRA dropout keeps its copies (memory.layer_activation_bytes)."""
     layers = decoder_layers(model)
     if policy == "all" or not layers or not any(l.gradient_checkpointing for l in layers):
         return 0
     if policy == "none":
         skip = len(layers)
     else:
-        config = model.config
+        arch = dataclasses.replace(Arch.from_config(model.config.to_dict()), layers=len(layers))
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        skip = layers_within_budget(budget_gib, len(layers), tokens, config.hidden_size,
-                                    config.intermediate_size, allocated, trainable)
+        skip = layers_within_budget(budget_gib, arch, tokens, allocated, trainable,
+                                    dropout_copies)
     # The last layers: their activations are the first ones backward consumes.
     for layer in layers[len(layers) - skip:]:
         layer.gradient_checkpointing = False
@@ -295,9 +329,15 @@ def apply(model, params, args, collator, device: str | None = None, plan: Plan |
     if plan.fused_optimizer and str(getattr(args.optim, "value", args.optim)) == "adamw_torch":
         args = dataclasses.replace(args, optim="adamw_torch_fused")
         done.append("adamw_torch_fused")
-    tokens = args.per_device_train_batch_size * params.data.max_seq_length
+    seq = params.data.max_seq_length
+    if plan.micro_batch_tokens is not None:
+        args = split_micro_batches(args, seq, plan.micro_batch_tokens)
+        done.append(f"micro-batches of {args.per_device_train_batch_size} x {seq} tokens, "
+                    f"{args.gradient_accumulation_steps} a step")
+    tokens = args.per_device_train_batch_size * seq
+    dropout_copies = params.lora.lora_dropout > 0 and not plan.fused_lora
     skipped = set_checkpointing(model, plan.checkpoint_policy, params.train.memory_budget_gib,
-                                tokens)
+                                tokens, dropout_copies)
     done.append(f"checkpoint policy {plan.checkpoint_policy}: {skipped} layers not recomputed")
     log.info("fast path: %s", "; ".join(done))
     return model, collator, args

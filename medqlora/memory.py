@@ -25,8 +25,8 @@ data.max_seq_length tokens per micro-batch (the longest a micro-batch can be):
   13 hidden + 3 kv + 5 intermediate values for backward (norm in/out x2, three LoRA dropout
   copies, q/k/v, rotated q/k, attention out, o-proj dropout, gate/up outputs, silu, product,
   down dropout; sdpa/flash keep no seq x seq matrix). With the fast path's fused kernels
-  it is the bench-calibrated 8 hidden + 3.5 intermediate bf16 values
-  (medqlora.fastpath.layer_activation_bytes). With checkpointing only the L + 1 layer
+  it is what those kernels save, with or without the LoRA dropout copies
+  (layer_activation_bytes). With checkpointing only the L + 1 layer
   boundaries are kept, plus one layer's working set while it is recomputed; without, every
   layer's working set is live when the logits are.
 - logits + loss: bf16 logits -> fp32 copy -> log_softmax output (kept); backward adds its
@@ -105,6 +105,7 @@ class Setup:
     fast_frozen_bf16: bool = False
     fast_kernels: bool = False
     fused_ce: bool = False
+    dropout_copies: bool = True   # peft's LoRA dropout keeps copies (no fused_lora replay)
     world: int = 1                # processes (GPUs) training together
     strategy: str = "ddp"         # ddp | fsdp (runner.distributed.strategy)
 
@@ -150,40 +151,55 @@ def lora_params(arch: Arch, r: int, targets: tuple[str, ...]) -> int:
     return arch.layers * sum(r * sum(shapes[name]) for name in targets if name in shapes)
 
 
-def layer_activation_bytes(tokens: int, hidden: int, intermediate: int) -> int:
+def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int:
     """Activations one un-checkpointed decoder layer keeps for backward, bf16, fast path.
 
-    Calibrated on an H100 (bench/README.md, 8192 tokens, every switch on): Mistral-7B, 4
-    un-checkpointed layers: +4.84 GiB over "all" (1.21 GiB a layer); Llama-3-8B, 12 layers:
-    +17.3 GiB (1.44 GiB a layer). Modelled as tokens x (9 x hidden + 4.5 x intermediate) x 2
-    bytes = 1.55 GiB, above both, so a budget is not overshot. (The measured table used
-    8h + 3.5i = 1.27 GiB, which overshot Llama-3's budget by 2.5 GiB.)
+    Counted from what each op saves (Liger RMSNorm: its input; Liger RoPE: nothing; flash or
+    varlen attention: rotated q, k, v and the output; Liger SwiGLU: gate and up; bitsandbytes'
+    4-bit matmul: no activation): per token 6 hidden (two norm inputs, two norm outputs
+    the LoRA A projections read, rotated q, attention out) + 2 kv + 3 intermediate values,
+    plus half a hidden of slack (norm statistics, LoRA's rank-r outputs, softmax statistics).
+    `dropout_copies` (peft's dropout, lora_dropout > 0 without fused_lora's replay): every
+    projection also keeps its dropped input (2 bytes) and mask (1 byte) -- 3 x (6 hidden +
+    1 intermediate) bytes -- instead of sharing the norm outputs and the SwiGLU product.
+    With copies this gives Mistral-7B 8192 tokens 1.63 GiB a layer, where an H100 showed
+    4 un-checkpointed layers adding 4.84 GiB over recomputing all (1.7 GiB a layer once
+    the checkpoints and the one recomputed layer they replace are counted back).
     """
-    return tokens * 2 * (9 * hidden + int(4.5 * intermediate))
+    h, i = arch.hidden, arch.intermediate
+    kv = arch.kv_heads * arch.head_dim
+    if dropout_copies:
+        per_token = 2 * (4.5 * h + 2 * kv + 2 * i) + 3 * (6 * h + i)
+    else:
+        per_token = 2 * (6.5 * h + 2 * kv + 3 * i)
+    return int(tokens * per_token)
 
 
-def layers_within_budget(budget_gib: float | None, layers: int, tokens: int, hidden: int,
-                         intermediate: int, allocated: int, trainable: int) -> int:
-    """How many layers can skip recompute and stay under `budget_gib` (0 when it is null).
+def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allocated: int,
+                         trainable: int, dropout_copies: bool) -> int:
+    """How many of `arch.layers` can skip recompute and stay under `budget_gib` (0 when it is
+    null).
 
     peak ~ allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
-         + layers x tokens x hidden x 2 (bf16 checkpoints) + one layer's recompute + 1 GiB
-           of working space (loss chunks, allocator slack)
+         + layers x tokens x hidden x 2 (bf16 checkpoints) + one layer's recompute
+         + working space (loss chunks, gradient buffers, allocator slack: 0.5 GiB + 8 bytes a
+           token-hidden value)
          + k x (one layer's activations - its checkpoint).
     """
     if budget_gib is None:
         return 0
-    per_layer = layer_activation_bytes(tokens, hidden, intermediate)
-    checkpoint = tokens * hidden * 2
-    base = allocated + 3 * 4 * trainable + layers * checkpoint + per_layer + GIB
+    per_layer = layer_activation_bytes(arch, tokens, dropout_copies)
+    checkpoint = tokens * arch.hidden * 2
+    working = GIB // 2 + 8 * tokens * arch.hidden
+    base = allocated + 3 * 4 * trainable + arch.layers * checkpoint + per_layer + working
     spare = budget_gib * GIB - base
-    return max(0, min(layers, int(spare // (per_layer - checkpoint))))
+    return max(0, min(arch.layers, int(spare // (per_layer - checkpoint))))
 
 
 def layer_working_bytes(arch: Arch, setup: Setup) -> int:
     """What one decoder layer keeps for its backward pass (see the module docstring)."""
     if setup.fast_kernels:
-        return layer_activation_bytes(setup.tokens, arch.hidden, arch.intermediate)
+        return layer_activation_bytes(arch, setup.tokens, setup.dropout_copies)
     act = 2 if setup.fast_frozen_bf16 or not setup.load_in_4bit else 4
     kv = arch.kv_heads * arch.head_dim
     return setup.tokens * act * (13 * arch.hidden + 3 * kv + 5 * arch.intermediate)

@@ -24,7 +24,7 @@ class WontFit(RuntimeError):
 
 def setup_from(params, device: str = "cuda") -> Setup:
     """The Setup of a Params as it would run on `device` (fast path auto = on for CUDA)."""
-    from medqlora.fastpath import resolve
+    from medqlora.fastpath import micro_batch_rows, resolve
     t, q, fast = params.train, params.quantization, params.train.fast_path
     dist = params.runner.distributed
     fsdp = dist.strategy == "fsdp" and dist.num_processes > 1
@@ -36,12 +36,15 @@ def setup_from(params, device: str = "cuda") -> Setup:
     targets = PROJECTIONS if params.lora.target_modules == "all-linear" else \
         tuple(params.lora.target_modules)
     return Setup(
-        batch=t.per_device_train_batch_size, seq=params.data.max_seq_length,
+        batch=micro_batch_rows(t.per_device_train_batch_size, params.data.max_seq_length,
+                               plan.micro_batch_tokens),
+        seq=params.data.max_seq_length,
         load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
         compute_bytes=DTYPE_BYTES[q.bnb_4bit_compute_dtype], r=params.lora.r, targets=targets,
         optim=t.optim, checkpointing=t.gradient_checkpointing and plan.checkpoint_policy != "none",
         fast_frozen_bf16=plan.frozen_in_compute_dtype, fast_kernels=plan.fused_kernels,
-        fused_ce=plan.fused_cross_entropy, world=dist.num_processes, strategy=dist.strategy)
+        fused_ce=plan.fused_cross_entropy,
+        dropout_copies=params.lora.lora_dropout > 0 and not plan.fused_lora, world=dist.num_processes, strategy=dist.strategy)
 
 
 def advice(arch: Arch, setup: Setup, limit: int, accum: int) -> list[str]:

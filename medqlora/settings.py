@@ -144,7 +144,9 @@ class FastPathParams:
     (tokens x vocab) are never materialised (CUDA + liger-kernel)."""
     fused_lora: bool
     """LoRA branch as one GEMM whose epilogue adds scale x B(A(dropout(x))) onto the 4-bit base
-    output, instead of peft's clone + multiply + add passes. Same maths."""
+    output, instead of peft's clone + multiply + add passes, and a dropout that backward replays
+    from the generator state instead of keeping the dropped copy and mask
+    (medqlora/lora_branch.py). Same maths, same masks."""
     frozen_in_compute_dtype: bool
     """Keep frozen norms, embeddings and lm_head in the compute dtype (bf16) instead of peft's
     fp32 upcast; the adapter weights stay fp32. Halves the checkpointed residual stream."""
@@ -158,6 +160,15 @@ class FastPathParams:
     the real tokens (medqlora/attention.py: PyTorch's varlen flash attention on CUDA, sdpa
     example by example elsewhere), instead of sdpa over the whole row with a block-diagonal mask.
     Applies when model.attn_implementation is sdpa."""
+    micro_batch_tokens: int | None
+    """Tokens a forward/backward pass holds at most: each per-device batch is split into
+    micro-batches of max(1, this // data.max_seq_length) rows (the largest such divisor of
+    train.per_device_train_batch_size), and gradient_accumulation_steps grows by the same factor,
+    so an optimizer step sees the same rows in the same order and the same token-averaged loss.
+    Smaller micro-batches keep fewer activations, which checkpoint_policy budget turns into
+    layers that skip recompute, but launch more kernels per token: on an H200 1 x 2048 tokens is
+    launch-bound and slower than 4 x 2048 (bench/README.md). null (default): micro-batches of
+    train.per_device_train_batch_size rows."""
     checkpoint_policy: str
     """all: recompute every decoder layer; none: keep all activations; budget: leave as many
     layers un-checkpointed as train.memory_budget_gib allows (all when the budget is null)."""

@@ -308,6 +308,9 @@ def train_metrics(attempt: Attempt) -> dict:
         "num_processes": plan.processes,
         "per_device_train_batch_size": plan.batch,
         "gradient_accumulation_steps": plan.accum,
+        # rows one forward/backward pass held: train.fast_path.micro_batch_tokens may split
+        # the per-device batch (and accumulate over the pieces)
+        "micro_batch_rows": trainer.args.per_device_train_batch_size,
         "warmup_steps": plan.warmup_steps,
         "total_steps_planned": plan.total_steps,
         "resumed_from_step": resumed.step if resumed else 0,

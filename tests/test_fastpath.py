@@ -119,7 +119,8 @@ def test_packed_rows_padded_to_one_shape_with_boundaries():
 
 
 def test_resolve_auto_is_off_on_cpu_and_notes_gpu_only_parts():
-    fast = config.FastPathParams("auto", True, True, True, True, True, True, "budget", True)
+    fast = config.FastPathParams("auto", True, True, True, True, True, True, 2048, "budget",
+                                  True)
     assert not fastpath.resolve(fast, "cpu").any
     on_cpu = fastpath.resolve(dataclasses.replace(fast, enabled="on"), "cpu")
     assert (on_cpu.fused_kernels, on_cpu.fused_cross_entropy, on_cpu.fused_optimizer) == (
@@ -130,19 +131,23 @@ def test_resolve_auto_is_off_on_cpu_and_notes_gpu_only_parts():
 
 
 def test_checkpoint_budget_arithmetic():
-    # Mistral-7B widths, 8192 tokens: 1.55 GiB a layer un-checkpointed, 64 MiB checkpointed.
-    per_layer = memory.layer_activation_bytes(8192, 4096, 14336)
-    assert per_layer == 8192 * 2 * (9 * 4096 + 64512)
+    # Mistral-7B shapes at 2048 tokens: an un-checkpointed layer keeps 6.5 hidden + 2 kv + 3
+    # intermediate bf16 values a token (280 MiB), or with peft's dropout copies 4.5 + 2 + 2
+    # and 3 bytes x (6 hidden + 1 intermediate) more (420 MiB); a checkpoint 16 MiB.
+    arch = memory.Arch(4096, 14336, 32, 32, 8, 128, 32000, False)
+    replayed = memory.layer_activation_bytes(arch, 2048, dropout_copies=False)
+    copies = memory.layer_activation_bytes(arch, 2048, dropout_copies=True)
+    assert replayed == 2048 * 2 * (6.5 * 4096 + 2 * 1024 + 3 * 14336) == 280 * 2**20
+    assert copies == 2048 * (2 * (4.5 * 4096 + 2048 + 2 * 14336) + 3 * (6 * 4096 + 14336))
     gib = 2**30
     allocated, trainable = 5 * gib, 168_000_000
-    base = allocated + 12 * trainable + 32 * 8192 * 4096 * 2 + per_layer + gib
-    step = per_layer - 8192 * 4096 * 2
-    budget = (base + 2.5 * step) / gib   # room for 2.5 layers -> 2
-    assert memory.layers_within_budget(budget, 32, 8192, 4096, 14336, allocated,
-                                         trainable) == 2
-    assert memory.layers_within_budget(None, 32, 8192, 4096, 14336, allocated, trainable) == 0
-    assert memory.layers_within_budget(1000.0, 32, 8192, 4096, 14336, allocated,
-                                         trainable) == 32
+    checkpoint = 2048 * 4096 * 2
+    base = allocated + 12 * trainable + 32 * checkpoint + replayed + gib // 2 + 8 * 2048 * 4096
+    budget = (base + 10.5 * (replayed - checkpoint)) / gib   # room for 10.5 layers -> 10
+    assert memory.layers_within_budget(budget, arch, 2048, allocated, trainable, False) == 10
+    assert memory.layers_within_budget(budget, arch, 2048, allocated, trainable, True) < 10
+    assert memory.layers_within_budget(None, arch, 2048, allocated, trainable, False) == 0
+    assert memory.layers_within_budget(1000.0, arch, 2048, allocated, trainable, False) == 32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
@@ -150,3 +155,131 @@ def test_checkpoint_budget_arithmetic():
                            "with the reference is checked by bench/bench_train.py --suite main")
 def test_liger_is_importable_on_gpu():
     assert fastpath.liger_available(), "install liger-kernel for the GPU fast path"
+
+
+# ---------------------------------------------------------------- dropout replayed, not kept
+
+def _saved_bytes(fn):
+    """(output, bytes of distinct storages autograd keeps for backward) of fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_dropped_linear_keeps_x_not_copies_and_replays_the_same_mask():
+    from medqlora.lora_branch import dropped_linear
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    weights = [torch.randn(4, 16, requires_grad=True) for _ in range(3)]   # q, k, v share x
+    torch.manual_seed(7)
+    plain, plain_bytes = _saved_bytes(lambda: [torch.nn.functional.linear(
+        torch.nn.functional.dropout(x, 0.25, True), w) for w in weights])
+    torch.manual_seed(7)
+    replayed, replayed_bytes = _saved_bytes(lambda: [dropped_linear(x, w, 0.25)
+                                                     for w in weights])
+    for a, b in zip(plain, replayed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)          # same masks, same output
+    # peft's way keeps a dropped copy (4 B/value) and a mask per projection; this keeps x once
+    x_bytes, w_bytes = x.numel() * 4, 3 * weights[0].numel() * 4
+    assert replayed_bytes == x_bytes + w_bytes
+    assert plain_bytes >= 3 * (x_bytes + x.numel()) + w_bytes
+    upstream = [torch.randn_like(o) for o in plain]
+    grads_plain = torch.autograd.grad(plain, [x, *weights], upstream)
+    torch.manual_seed(123)   # backward replays from the saved state, whatever the generator is at
+    grads_replayed = torch.autograd.grad(replayed, [x, *weights], upstream)
+    for a, b in zip(grads_plain, grads_replayed):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert torch.randint(10**9, (1,)).item() == (torch.manual_seed(123), torch.randint(
+        10**9, (1,)).item())[1]   # the generator was put back after the replay
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        dropped_linear(x, weights[0], 0.0)
+
+
+@pytest.mark.slow
+def test_fused_lora_with_dropout_matches_peft_under_checkpointing(tmp_path, tiny_model):
+    # lora_dropout 0.1, every layer checkpointed: the fused branch draws peft's masks, and the
+    # recompute + backward replay them, so loss and gradients match peft's own forward.
+    def run(fast: bool):
+        params = _params(checkpoint_policy="all", padding_free=False, varlen_attention=False,
+                         micro_batch_tokens=None, **({} if fast else {"enabled": "off"}))
+        params = dataclasses.replace(params, lora=dataclasses.replace(params.lora,
+                                                                       lora_dropout=0.1),
+                                     train=dataclasses.replace(params.train,
+                                                               gradient_checkpointing=True))
+        precision = modeling.resolve_precision(params.quantization, "no", device="cpu")
+        torch.manual_seed(0)
+        model = training.build_model(params, precision)
+        if fast:
+            from transformers import TrainingArguments
+            args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                     per_device_train_batch_size=4)
+            model, _, _ = fastpath.apply(model, params, args, Collator(0), device="cpu")
+            assert all(layer.gradient_checkpointing for layer in fastpath.decoder_layers(model))
+        vocab = model.config.vocab_size
+        batch = Collator(pad_token_id=0)(_rows([9, 23, 16, 30], vocab))
+        model.train()
+        torch.manual_seed(5)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    plain_loss, plain_grads = run(False)
+    fast_loss, fast_grads = run(True)
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- micro-batches by tokens
+
+def test_micro_batch_rows_is_a_divisor_under_the_token_budget():
+    assert fastpath.micro_batch_rows(4, 2048, 2048) == 1
+    assert fastpath.micro_batch_rows(4, 2048, 4096) == 2
+    assert fastpath.micro_batch_rows(4, 2048, 6144) == 2      # 3 rows would not divide 4
+    assert fastpath.micro_batch_rows(4, 512, 2048) == 4
+    assert fastpath.micro_batch_rows(6, 512, 2048) == 3
+    assert fastpath.micro_batch_rows(4, 4096, 2048) == 1      # a row longer than the budget
+    assert fastpath.micro_batch_rows(4, 2048, None) == 4
+
+
+@pytest.mark.slow
+def test_split_micro_batches_give_the_same_update(tmp_path, tiny_model):
+    # Rows with different label counts: the split run sums per-micro-batch losses over the
+    # step's label count (num_items_in_batch), so one SGD step moves the adapter the same way.
+    from transformers import Trainer, TrainingArguments
+    vocab = yaml.safe_load((tiny_model / "config.json").read_text())["vocab_size"]
+    data = _rows([40, 12, 33, 7, 25, 18, 40, 9], vocab, seed=3)
+
+    def step(tokens):
+        params = _params(padding_free=False, varlen_attention=False, micro_batch_tokens=tokens,
+                         checkpoint_policy="all")
+        precision = modeling.resolve_precision(params.quantization, "no", device="cpu")
+        torch.manual_seed(0)
+        model = training.build_model(params, precision)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = TrainingArguments(output_dir=str(tmp_path / str(tokens)), use_cpu=True,
+                                 report_to="none", per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2, max_steps=1, optim="sgd",
+                                 learning_rate=1.0, lr_scheduler_type="constant",
+                                 max_grad_norm=0.0, weight_decay=0.0, save_strategy="no",
+                                 remove_unused_columns=False, seed=1, data_seed=1)
+        model, collator, args = fastpath.apply(model, params, args, Collator(0), device="cpu")
+        Trainer(model=model, args=args, train_dataset=data, data_collator=collator).train()
+        moved = {n: p.detach() - before[n] for n, p in model.named_parameters()
+                 if p.requires_grad}
+        return args, moved
+    whole_args, whole = step(None)
+    split_args, split = step(256)       # max_seq_length 256: one row a micro-batch
+    assert (whole_args.per_device_train_batch_size, whole_args.gradient_accumulation_steps) == (
+        4, 2)
+    assert (split_args.per_device_train_batch_size, split_args.gradient_accumulation_steps) == (
+        1, 8)
+    assert any(delta.abs().max() > 0 for delta in whole.values())
+    for name, delta in whole.items():
+        # fp32 sums in another order: ~1e-6 of the update; a per-micro-batch mean would be off
+        # by the label-count ratios (tens of %)
+        torch.testing.assert_close(split[name], delta, rtol=1e-4,
+                                   atol=1e-5 * float(delta.abs().max()) + 1e-12, msg=name)
