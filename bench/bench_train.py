@@ -112,9 +112,7 @@ def suite(name: str) -> list[dict]:
                 row("parity ref", variant="reference", seq=256, warmup=0, steps=3, dropout=0.0,
                     layers=2),
                 row("parity fast", seq=256, warmup=0, steps=3, dropout=0.0, layers=2)]
-    llama = [row("reference", arch="llama-3-8b", variant="reference"),
-             row("fast, ckpt all", arch="llama-3-8b", checkpoint_policy="all")]
-    return {"llama": llama, "main": main + ablations[:5] + parity,
+    return {"llama": llama_pair, "main": main + ablations[:5] + parity,
             "extra": main + extra + ablations[5:],
             "medical": medical[:2] + parity_medical,
             "fixed": main + llama_pair + [one_row],

@@ -127,8 +127,8 @@ def main(argv=None) -> int:
         if CUDA:
             torch.cuda.empty_cache()
         (out / "check-activations.json").write_text(json.dumps(results, indent=1))
-    lines = ["| tokens | dropout | saved GiB / layer (measured) | model GiB | fwd+bwd s (2 layers) |",
-             "|---|---|---|---|---|"]
+    lines = ["| tokens | dropout | saved GiB / layer (measured) | model GiB "
+             "| fwd+bwd s (2 layers) |", "|---|---|---|---|---|"]
     for res in results:
         for name in ("replayed", "peft dropout"):
             r = res[name]
