@@ -115,7 +115,8 @@ def suite(name: str) -> list[dict]:
     return {"llama": llama_pair, "main": main + ablations[:5] + parity,
             "extra": main + extra + ablations[5:],
             "medical": medical[:2] + parity_medical,
-            "fixed": main + llama_pair + [one_row],
+            "fixed": main + llama_pair,
+            "micro": [main[0], one_row],
             "all": main + [one_row] + extra + ablations + parity + parity_medical}[name]
 
 
@@ -412,8 +413,9 @@ def ref_key(spec: dict) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="all", choices=["all", "main", "extra", "medical", "fixed",
-                                                           "llama", "smoke", "cpu-check"])
+    parser.add_argument("--suite", default="all",
+                        choices=["all", "main", "extra", "medical", "fixed", "micro", "llama",
+                                 "smoke", "cpu-check"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)       # child process: one row (json)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)

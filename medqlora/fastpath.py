@@ -14,12 +14,16 @@ micro-batch (U = one bf16 tokens x hidden tensor = 8192 x 4096 x 2 B = 64 MiB):
   each; the loss is computed chunk by chunk from the hidden states, so the 8192 x 32000 logits
   (1 GiB in fp32, plus their gradient) never exist.
 - fused_lora: peft computes base(x).clone() + B(A(drop(x))) * s in four passes over the output;
-  here the scaled add is the GEMM's epilogue (torch.addmm, beta=1, alpha=s).
+  here the scaled add is the GEMM's epilogue (torch.addmm, beta=1, alpha=s), and the dropout
+  is replayed in backward instead of kept (medqlora/lora_branch.py: 1.09 instead of 1.63 GiB
+  an un-recomputed layer keeps, the same masks).
 - padding_free: a micro-batch of variable-length examples becomes one row with per-example
   position ids; packed rows (data.packing) are padded to data.max_seq_length instead of to the
   micro-batch's longest, so every micro-batch has one shape (no per-shape kernel plans).
 - varlen_attention (medqlora/attention.py): attention within each example only, PyTorch's
   varlen flash kernel on CUDA, instead of sdpa over the whole row under a block-diagonal mask.
+- micro_batch_tokens (off by default): micro-batches of that many tokens, accumulation grown to
+  match; less memory a pass, but 1 x 2048 tokens is launch-bound on an H200 (bench/README.md).
 - checkpoint_policy=budget: memory the above saves buys un-checkpointed layers (no recompute).
 - fused_optimizer: adamw_torch -> adamw_torch_fused (the same update in one kernel).
 Everything GPU-only is imported lazily and guarded, so the CPU path and CI never need it.
@@ -145,7 +149,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
     dropout = self.lora_dropout[name]
     autocast = torch.is_autocast_enabled()  # peft's own test (CUDA autocast), kept for parity
-    if isinstance(dropout, torch.nn.Dropout) and dropout.training and 0 < dropout.p < 1:
+    if getattr(self, "replay_dropout", True) and isinstance(dropout, torch.nn.Dropout) and \
+            dropout.training and 0 < dropout.p < 1:
         low = lora_branch.dropped_linear(x, weight_a, dropout.p)  # keeps no dropped copy
     else:
         low = torch.nn.functional.linear(dropout(x) if autocast else
@@ -172,6 +177,23 @@ def fuse_lora(model) -> int:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_lora_forward, module)
             count += 1
+    return count
+
+
+def replay_where_kept(model) -> int:
+    """Replay the LoRA dropout (lora_branch) only in decoder layers that keep their activations.
+
+    A recomputed layer's dropped copies live only while its own backward runs, so there the
+    replay would buy no memory for one more dropout kernel per projection; such layers use
+    peft's dropout (the same masks either way). Returns how many LoRA layers replay.
+    """
+    count = 0
+    for layer in decoder_layers(model):
+        kept = not layer.gradient_checkpointing
+        for module in layer.modules():
+            if hasattr(module, "_peft_forward"):
+                module.replay_dropout = kept
+                count += kept
     return count
 
 
@@ -269,9 +291,10 @@ def decoder_layers(model) -> list:
 
 
 def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int,
-                      dropout_copies: bool) -> int:
+                      dropout: bool, replayed: bool) -> int:
     """Apply the checkpoint policy; returns how many decoder layers skip recompute.
-    `dropout_copies`: peft's LoRA dropout keeps its copies (memory.layer_activation_bytes)."""
+    `dropout`: lora_dropout > 0; `replayed`: kept layers replay it (fused_lora), see
+    memory.layers_within_budget."""
     layers = decoder_layers(model)
     if policy == "all" or not layers or not any(l.gradient_checkpointing for l in layers):
         return 0
@@ -282,7 +305,7 @@ def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int,
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         skip = layers_within_budget(budget_gib, arch, tokens, allocated, trainable,
-                                    dropout_copies)
+                                    dropout, replayed)
     # The last layers: their activations are the first ones backward consumes.
     for layer in layers[len(layers) - skip:]:
         layer.gradient_checkpointing = False
@@ -335,9 +358,10 @@ def apply(model, params, args, collator, device: str | None = None, plan: Plan |
         done.append(f"micro-batches of {args.per_device_train_batch_size} x {seq} tokens, "
                     f"{args.gradient_accumulation_steps} a step")
     tokens = args.per_device_train_batch_size * seq
-    dropout_copies = params.lora.lora_dropout > 0 and not plan.fused_lora
     skipped = set_checkpointing(model, plan.checkpoint_policy, params.train.memory_budget_gib,
-                                tokens, dropout_copies)
+                                tokens, params.lora.lora_dropout > 0, plan.fused_lora)
     done.append(f"checkpoint policy {plan.checkpoint_policy}: {skipped} layers not recomputed")
+    if plan.fused_lora:
+        done.append(f"LoRA dropout replayed in {replay_where_kept(model)} layers")
     log.info("fast path: %s", "; ".join(done))
     return model, collator, args

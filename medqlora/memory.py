@@ -105,7 +105,7 @@ class Setup:
     fast_frozen_bf16: bool = False
     fast_kernels: bool = False
     fused_ce: bool = False
-    dropout_copies: bool = True   # peft's LoRA dropout keeps copies (no fused_lora replay)
+    dropout_copies: bool = True   # a layer keeps peft's LoRA dropout copies (no replay)
     world: int = 1                # processes (GPUs) training together
     strategy: str = "ddp"         # ddp | fsdp (runner.distributed.strategy)
 
@@ -162,9 +162,9 @@ def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int
     `dropout_copies` (peft's dropout, lora_dropout > 0 without fused_lora's replay): every
     projection also keeps its dropped input (2 bytes) and mask (1 byte) -- 3 x (6 hidden +
     1 intermediate) bytes -- instead of sharing the norm outputs and the SwiGLU product.
-    With copies this gives Mistral-7B 8192 tokens 1.63 GiB a layer, where an H100 showed
-    4 un-checkpointed layers adding 4.84 GiB over recomputing all (1.7 GiB a layer once
-    the checkpoints and the one recomputed layer they replace are counted back).
+    Mistral-7B at 8,192 tokens: 1.094 GiB a layer (1.641 with copies); measured on an H200
+    by bench/check_activations.py, 1.086 (1.628); at 2,048 tokens 0.273 (0.410) against
+    0.283 (0.415).
     """
     h, i = arch.hidden, arch.intermediate
     kv = arch.kv_heads * arch.head_dim
@@ -176,24 +176,29 @@ def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int
 
 
 def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allocated: int,
-                         trainable: int, dropout_copies: bool) -> int:
-    """How many of `arch.layers` can skip recompute and stay under `budget_gib` (0 when it is
-    null).
+                         trainable: int, dropout: bool, replayed: bool) -> int:
+    """How many of `arch.layers` (the last ones) can skip recompute under `budget_gib` (0 when
+    it is null). `dropout`: lora_dropout > 0; `replayed`: the kept layers replay it
+    (fastpath.replay_where_kept), recomputed layers keep peft's copies while they run.
 
-    peak ~ allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
-         + layers x tokens x hidden x 2 (bf16 checkpoints) + one layer's recompute
-         + working space (loss chunks, gradient buffers, allocator slack: 0.5 GiB + 8 bytes a
-           token-hidden value)
-         + k x (one layer's activations - its checkpoint).
+    fixed = allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
+          + layers x tokens x hidden x 2 (bf16 checkpoints)
+          + working space (loss chunks, gradient buffers, allocator slack: 0.5 GiB + 8 bytes a
+            token-hidden value)
+    peak  = fixed + max(k x (a kept layer - its checkpoint), one recomputed layer):
+    the kept layers are the last ones, so backward frees them before it recomputes any other.
     """
     if budget_gib is None:
         return 0
-    per_layer = layer_activation_bytes(arch, tokens, dropout_copies)
+    kept = layer_activation_bytes(arch, tokens, dropout_copies=dropout and not replayed)
+    recomputed = layer_activation_bytes(arch, tokens, dropout_copies=dropout)
     checkpoint = tokens * arch.hidden * 2
     working = GIB // 2 + 8 * tokens * arch.hidden
-    base = allocated + 3 * 4 * trainable + arch.layers * checkpoint + per_layer + working
-    spare = budget_gib * GIB - base
-    return max(0, min(arch.layers, int(spare // (per_layer - checkpoint))))
+    fixed = allocated + 3 * 4 * trainable + arch.layers * checkpoint + working
+    spare = budget_gib * GIB - fixed
+    if spare < recomputed:
+        return 0
+    return min(arch.layers, int(spare // (kept - checkpoint)))
 
 
 def layer_working_bytes(arch: Arch, setup: Setup) -> int:

@@ -35,16 +35,21 @@ def setup_from(params, device: str = "cuda") -> Setup:
                        fused_cross_entropy=fast.fused_cross_entropy)
     targets = PROJECTIONS if params.lora.target_modules == "all-linear" else \
         tuple(params.lora.target_modules)
+    checkpointing = t.gradient_checkpointing and plan.checkpoint_policy != "none"
+    # fused_lora replays the dropout only in layers that are not recomputed
+    # (fastpath.replay_where_kept): with checkpointing the one layer being recomputed keeps
+    # peft's copies
+    copies = params.lora.lora_dropout > 0 and (checkpointing or not plan.fused_lora)
     return Setup(
         batch=micro_batch_rows(t.per_device_train_batch_size, params.data.max_seq_length,
                                plan.micro_batch_tokens),
         seq=params.data.max_seq_length,
         load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
         compute_bytes=DTYPE_BYTES[q.bnb_4bit_compute_dtype], r=params.lora.r, targets=targets,
-        optim=t.optim, checkpointing=t.gradient_checkpointing and plan.checkpoint_policy != "none",
+        optim=t.optim, checkpointing=checkpointing,
         fast_frozen_bf16=plan.frozen_in_compute_dtype, fast_kernels=plan.fused_kernels,
-        fused_ce=plan.fused_cross_entropy,
-        dropout_copies=params.lora.lora_dropout > 0 and not plan.fused_lora, world=dist.num_processes, strategy=dist.strategy)
+        fused_ce=plan.fused_cross_entropy, dropout_copies=copies, world=dist.num_processes,
+        strategy=dist.strategy)
 
 
 def advice(arch: Arch, setup: Setup, limit: int, accum: int) -> list[str]:

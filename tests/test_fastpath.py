@@ -142,12 +142,23 @@ def test_checkpoint_budget_arithmetic():
     gib = 2**30
     allocated, trainable = 5 * gib, 168_000_000
     checkpoint = 2048 * 4096 * 2
-    base = allocated + 12 * trainable + 32 * checkpoint + replayed + gib // 2 + 8 * 2048 * 4096
-    budget = (base + 10.5 * (replayed - checkpoint)) / gib   # room for 10.5 layers -> 10
-    assert memory.layers_within_budget(budget, arch, 2048, allocated, trainable, False) == 10
-    assert memory.layers_within_budget(budget, arch, 2048, allocated, trainable, True) < 10
-    assert memory.layers_within_budget(None, arch, 2048, allocated, trainable, False) == 0
-    assert memory.layers_within_budget(1000.0, arch, 2048, allocated, trainable, False) == 32
+    fixed = allocated + 12 * trainable + 32 * checkpoint + gib // 2 + 8 * 2048 * 4096
+
+    def fits(budget_bytes, dropout=True, replayed_in_kept=True):
+        return memory.layers_within_budget(budget_bytes / gib, arch, 2048, allocated,
+                                           trainable, dropout, replayed_in_kept)
+    budget = fixed + 10.5 * (replayed - checkpoint)   # room for 10.5 kept layers -> 10
+    assert fits(budget) == 10
+    assert fits(budget, replayed_in_kept=False) == int(10.5 * (replayed - checkpoint)
+                                                       // (copies - checkpoint)) == 6
+    assert fits(budget, dropout=False) == 10           # no dropout: nothing to copy either way
+    # Below one recomputed layer's working set (with peft's copies) nothing can be skipped;
+    # just above it, as many kept layers as that room holds.
+    assert fits(fixed + copies - 1) == 0
+    assert fits(fixed + copies) == int(copies // (replayed - checkpoint)) == 1
+    assert memory.layers_within_budget(None, arch, 2048, allocated, trainable, True, True) == 0
+    assert memory.layers_within_budget(1000.0, arch, 2048, allocated, trainable, True,
+                                       True) == 32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
@@ -200,11 +211,19 @@ def test_dropped_linear_keeps_x_not_copies_and_replays_the_same_mask():
 
 
 @pytest.mark.slow
-def test_fused_lora_with_dropout_matches_peft_under_checkpointing(tmp_path, tiny_model):
-    # lora_dropout 0.1, every layer checkpointed: the fused branch draws peft's masks, and the
-    # recompute + backward replay them, so loss and gradients match peft's own forward.
+@pytest.mark.parametrize("policy", ["none", "all"])
+def test_fused_lora_with_dropout_matches_peft(tmp_path, tiny_model, monkeypatch, policy):
+    # lora_dropout 0.1: layers that keep their activations (policy none) replay the dropout,
+    # recomputed ones (policy all) use peft's; either way the masks are peft's, so loss and
+    # gradients match peft's own forward.
+    from medqlora import lora_branch
+    replays = []
+    original = lora_branch.dropped_linear
+    monkeypatch.setattr(lora_branch, "dropped_linear",
+                        lambda *a: replays.append(1) or original(*a))
+
     def run(fast: bool):
-        params = _params(checkpoint_policy="all", padding_free=False, varlen_attention=False,
+        params = _params(checkpoint_policy=policy, padding_free=False, varlen_attention=False,
                          micro_batch_tokens=None, **({} if fast else {"enabled": "off"}))
         params = dataclasses.replace(params, lora=dataclasses.replace(params.lora,
                                                                        lora_dropout=0.1),
@@ -218,7 +237,11 @@ def test_fused_lora_with_dropout_matches_peft_under_checkpointing(tmp_path, tiny
             args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                                      per_device_train_batch_size=4)
             model, _, _ = fastpath.apply(model, params, args, Collator(0), device="cpu")
-            assert all(layer.gradient_checkpointing for layer in fastpath.decoder_layers(model))
+            layers = fastpath.decoder_layers(model)
+            assert [layer.gradient_checkpointing for layer in layers] == \
+                [policy == "all"] * len(layers)
+            flags = {m.replay_dropout for m in model.modules() if hasattr(m, "_peft_forward")}
+            assert flags == {policy == "none"}
         vocab = model.config.vocab_size
         batch = Collator(pad_token_id=0)(_rows([9, 23, 16, 30], vocab))
         model.train()
@@ -227,7 +250,11 @@ def test_fused_lora_with_dropout_matches_peft_under_checkpointing(tmp_path, tiny
         loss.backward()
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     plain_loss, plain_grads = run(False)
+    assert not replays
     fast_loss, fast_grads = run(True)
+    # every adapted projection (7 a layer) replays once in forward (policy none), or none does
+    layers = yaml.safe_load((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert len(replays) == (7 * layers if policy == "none" else 0)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
