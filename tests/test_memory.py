@@ -150,3 +150,22 @@ def test_train_stage_refuses_before_loading(tmp_path, capsys):
         run(params, tmp_path / "missing", tmp_path / "out", tmp_path / "ck", tmp_path / "live",
             tmp_path / "m.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_setup_follows_micro_batches_and_where_dropout_is_replayed(tmp_path):
+    # The fast path on a GPU: micro_batch_tokens 2048 at 4 x 2048 plans 1-row micro-batches;
+    # fused_lora replays the dropout only in layers that skip recompute, so a checkpointed
+    # run plans the recomputed layer with peft's copies and a policy-none run without.
+    def setup(**fast):
+        path = mistral_params(tmp_path, **{"train.fast_path": {"enabled": "on", **fast}})
+        return preflight.setup_from(load_params(path), device="cuda")
+    split = setup(micro_batch_tokens=2048)
+    assert (split.batch, split.seq, split.fast_kernels) == (1, 2048, True)
+    assert setup().batch == 4
+    assert setup().dropout_copies and setup(fused_lora=False).dropout_copies
+    assert not setup(checkpoint_policy="none").dropout_copies
+    assert setup(checkpoint_policy="none", fused_lora=False).dropout_copies
+    arch = Arch.from_config(MISTRAL)
+    assert memory.layer_working_bytes(arch, split) == memory.layer_activation_bytes(
+        arch, 2048, dropout_copies=True)
+    assert estimate(arch, split).peak < estimate(arch, setup()).peak
