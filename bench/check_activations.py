@@ -45,10 +45,16 @@ class LayerBytes:
     """saved_tensors_hooks that bucket the distinct storages saved inside each decoder layer."""
 
     def __init__(self, layers):
-        self.current, self.buckets = None, [dict() for _ in layers]
+        self.current, self.buckets, self.handles = None, [dict() for _ in layers], []
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(lambda m, a, i=index: setattr(self, "current", i))
-            layer.register_forward_hook(lambda m, a, o: setattr(self, "current", None))
+            self.handles += [
+                layer.register_forward_pre_hook(lambda m, a, i=index: setattr(self, "current", i)),
+                layer.register_forward_hook(lambda m, a, o: setattr(self, "current", None))]
+
+    def remove(self) -> None:
+        """Take the layer hooks off again (the next variant counts with its own)."""
+        for handle in self.handles:
+            handle.remove()
 
     def pack(self, tensor):
         if self.current is not None:
@@ -96,6 +102,7 @@ def measure(arch_name: str, rows: int, seq: int) -> dict:
         lora_branch.dropped_linear = fn
         counter = LayerBytes(layers)
         loss, grads, _ = step(model, batch, 1234, counter)
+        counter.remove()
         times = [step(model, batch, 1234)[2] for _ in range(3)]
         out[name] = {"loss": loss, "grads": grads, "seconds": min(times),
                      "saved_gib_per_layer": [b / 2**30 for b in counter.per_layer()],

@@ -291,10 +291,9 @@ def decoder_layers(model) -> list:
 
 
 def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int,
-                      dropout: bool, replayed: bool) -> int:
+                      dropout: bool, fused_lora: bool) -> int:
     """Apply the checkpoint policy; returns how many decoder layers skip recompute.
-    `dropout`: lora_dropout > 0; `replayed`: kept layers replay it (fused_lora), see
-    memory.layers_within_budget."""
+    `dropout`: lora_dropout > 0; `fused_lora`: kept layers replay it (replay_where_kept)."""
     layers = decoder_layers(model)
     if policy == "all" or not layers or not any(l.gradient_checkpointing for l in layers):
         return 0
@@ -305,7 +304,7 @@ def set_checkpointing(model, policy: str, budget_gib: float | None, tokens: int,
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         skip = layers_within_budget(budget_gib, arch, tokens, allocated, trainable,
-                                    dropout, replayed)
+                                    dropout, fused_lora)
     # The last layers: their activations are the first ones backward consumes.
     for layer in layers[len(layers) - skip:]:
         layer.gradient_checkpointing = False

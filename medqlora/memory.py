@@ -151,6 +151,13 @@ def lora_params(arch: Arch, r: int, targets: tuple[str, ...]) -> int:
     return arch.layers * sum(r * sum(shapes[name]) for name in targets if name in shapes)
 
 
+def keeps_dropout_copies(dropout: bool, fused_lora: bool, recomputed: bool) -> bool:
+    """Whether a decoder layer keeps peft's LoRA dropout copies for backward: with dropout,
+    unless fused_lora replays it, which it does only in layers that are not recomputed
+    (fastpath.replay_where_kept)."""
+    return dropout and (recomputed or not fused_lora)
+
+
 def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int:
     """Activations one un-checkpointed decoder layer keeps for backward, bf16, fast path.
 
@@ -176,10 +183,10 @@ def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int
 
 
 def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allocated: int,
-                         trainable: int, dropout: bool, replayed: bool) -> int:
+                         trainable: int, dropout: bool, fused_lora: bool) -> int:
     """How many of `arch.layers` (the last ones) can skip recompute under `budget_gib` (0 when
-    it is null). `dropout`: lora_dropout > 0; `replayed`: the kept layers replay it
-    (fastpath.replay_where_kept), recomputed layers keep peft's copies while they run.
+    it is null). `dropout`: lora_dropout > 0; which layers keep its copies:
+    keeps_dropout_copies.
 
     fixed = allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
           + layers x tokens x hidden x 2 (bf16 checkpoints)
@@ -190,8 +197,9 @@ def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allo
     """
     if budget_gib is None:
         return 0
-    kept = layer_activation_bytes(arch, tokens, dropout_copies=dropout and not replayed)
-    recomputed = layer_activation_bytes(arch, tokens, dropout_copies=dropout)
+    kept = layer_activation_bytes(arch, tokens, keeps_dropout_copies(dropout, fused_lora, False))
+    recomputed = layer_activation_bytes(arch, tokens,
+                                        keeps_dropout_copies(dropout, fused_lora, True))
     checkpoint = tokens * arch.hidden * 2
     working = GIB // 2 + 8 * tokens * arch.hidden
     fixed = allocated + 3 * 4 * trainable + arch.layers * checkpoint + working

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 from medqlora.memory import (GIB, PROJECTIONS, DTYPE_BYTES, Arch, CannotEstimate, Estimate,
                              Setup, device_limit, estimate, estimate_evaluate, estimate_merge,
-                             fits, inference_weights, kv_cache_bytes, read_model_config, table)
+                             fits, inference_weights, keeps_dropout_copies, kv_cache_bytes,
+                             read_model_config, table)
 
 EXIT_WONT_FIT = 3
 
@@ -36,10 +37,9 @@ def setup_from(params, device: str = "cuda") -> Setup:
     targets = PROJECTIONS if params.lora.target_modules == "all-linear" else \
         tuple(params.lora.target_modules)
     checkpointing = t.gradient_checkpointing and plan.checkpoint_policy != "none"
-    # fused_lora replays the dropout only in layers that are not recomputed
-    # (fastpath.replay_where_kept): with checkpointing the one layer being recomputed keeps
-    # peft's copies
-    copies = params.lora.lora_dropout > 0 and (checkpointing or not plan.fused_lora)
+    # with checkpointing the estimate holds one layer while it is recomputed
+    copies = keeps_dropout_copies(params.lora.lora_dropout > 0, plan.fused_lora,
+                                  recomputed=checkpointing)
     return Setup(
         batch=micro_batch_rows(t.per_device_train_batch_size, params.data.max_seq_length,
                                plan.micro_batch_tokens),
