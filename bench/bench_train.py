@@ -48,7 +48,8 @@ GIB = 2**30
 # Every fast-path switch, on; an ablation row turns one off.
 FAST = dict(enabled="on", fused_kernels=True, fused_cross_entropy=True, fused_lora=True,
             frozen_in_compute_dtype=True, padding_free=True, varlen_attention=True,
-            micro_batch_tokens=None, checkpoint_policy="budget", fused_optimizer=True)
+            micro_batch_tokens=None, cuda_graphs=False, checkpoint_policy="budget",
+            fused_optimizer=True)
 
 
 # ---------------------------------------------------------------- rows
@@ -91,6 +92,10 @@ def suite(name: str) -> list[dict]:
                row("fast - varlen", scenario="medical", varlen_attention=False)]
     llama_pair = [row("reference", arch="llama-3-8b", variant="reference"),
                   row("medqlora fast", arch="llama-3-8b")]
+    # ... and the same as CUDA graphs (medqlora/graphs.py): the launch cost gone
+    graphed = dict(micro_batch_tokens=2048, cuda_graphs=True, warmup=3)
+    graphs = [main[0], row("fast, graphs 1x2048", **graphed),
+              llama_pair[0], row("fast, graphs 1x2048", arch="llama-3-8b", **graphed)]
     extra = llama_pair + medical
     if name == "cpu-check":
         tiny = dict(arch="tiny", warmup=1, steps=1, seq=48)
@@ -117,6 +122,7 @@ def suite(name: str) -> list[dict]:
             "medical": medical[:2] + parity_medical,
             "fixed": main + llama_pair,
             "micro": [main[0], one_row],
+            "graphs": graphs,
             "all": main + [one_row] + extra + ablations + parity + parity_medical}[name]
 
 
@@ -313,6 +319,7 @@ def run_row(spec: dict, budget_gib: float | None) -> dict:
     timed = times[spec["warmup"]:]
     skipped = sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", True)
                   is False and type(m).__name__.endswith("DecoderLayer"))
+    graphed = getattr(model, "medqlora_graphs", None)
     return {
         **spec, "budget_gib": budget_gib, "build_s": build_s, "step_s": timed,
         "attention": getattr(model.config, "_attn_implementation", None),
@@ -321,6 +328,7 @@ def run_row(spec: dict, budget_gib: float | None) -> dict:
         "sum_sq": sum(m[2] for m in micro),
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
+        "graphs": graphed.summary() if graphed else None,
         "optim": str(getattr(args.optim, "value", args.optim)), "layers_not_recomputed": skipped,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "versions": versions(),
     }
@@ -361,7 +369,10 @@ def summarize(res: dict, ref: dict | None) -> dict:
     tps = res["tokens"] / seconds
     out = {"row": res["label"], "arch": res["arch"], "scenario": res["scenario"],
            "tokens/s": tps, "median step s": statistics.median(res["step_s"]),
-           "peak alloc GiB": res["peak_alloc_gib"], "peak reserved GiB": res["peak_reserved_gib"],
+           # a CUDA graph's pool is invisible to max_memory_allocated during replays: graph
+           # rows report the reserved peak, which includes it
+           "peak GiB": res["peak_reserved_gib"] if res.get("graphs") else res["peak_alloc_gib"],
+           "peak reserved GiB": res["peak_reserved_gib"],
            "x ref": None, "MFU %": 100 * model_flops(res) / seconds / PEAK_FLOPS,
            "padding waste %": 100 * (1 - res["tokens"] / res["positions"]),
            "no-recompute layers": res["layers_not_recomputed"], "attention": res.get("attention")}
@@ -415,6 +426,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="all",
                         choices=["all", "main", "extra", "medical", "fixed", "micro", "llama",
+                                 "graphs",
                                  "smoke", "cpu-check"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)       # child process: one row (json)

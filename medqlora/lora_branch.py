@@ -40,44 +40,175 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class _DroppedLinear(torch.autograd.Function):
-    """F.linear(dropout(x), weight) saving x and the generator state instead of the dropout's
-    output and mask."""
+class _DroppedA(torch.autograd.Function):
+    """F.linear(dropout(x), weight) that keeps neither the dropout's output nor its mask.
+
+    mode "replay": backward restores the generator state saved here and redraws the mask;
+    "seeded": the mask is seeded_dropout's, from a seed tensor drawn here; "none": p = 0.
+    With `recompute`, x itself is not kept either: backward rebuilds it as recompute(*sources)
+    from tensors autograd keeps anyway (the SwiGLU's gate and up for down_proj's input).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, p: float, dtype: torch.dtype):
-        generator = _generator(x.device)
-        ctx.rng_state = generator.get_state()
-        ctx.p, ctx.dtype = p, dtype
-        dropped, _ = torch.native_dropout(x, p, True)
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, p: float, dtype: torch.dtype, mode: str, recompute, *sources):
+        ctx.p, ctx.dtype, ctx.mode, ctx.recompute = p, dtype, mode, recompute
+        seed = None
+        if mode == "seeded":
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+            dropped = seeded_dropout(x, seed, p)
+        elif mode == "replay":
+            ctx.rng_state = _generator(x.device).get_state()
+            dropped, _ = torch.native_dropout(x, p, True)
+        else:
+            dropped = x
+        ctx.save_for_backward(weight, seed, *(sources if recompute else (x,)))
         return torch.nn.functional.linear(dropped.to(dtype), weight.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_low):
-        x, weight = ctx.saved_tensors
-        generator = _generator(x.device)
-        now = generator.get_state()
-        generator.set_state(ctx.rng_state)
-        try:
-            dropped, mask = torch.native_dropout(x, ctx.p, True)
-        finally:
-            generator.set_state(now)
+        weight, seed, *kept = ctx.saved_tensors
+        if ctx.recompute:
+            with torch.no_grad():
+                x = ctx.recompute(*kept)
+        else:
+            x = kept[0]
+        p, mode = ctx.p, ctx.mode
+        mask = None
+        if mode == "seeded":
+            dropped = seeded_dropout(x, seed, p)
+        elif mode == "replay":
+            generator = _generator(x.device)
+            now = generator.get_state()
+            generator.set_state(ctx.rng_state)
+            try:
+                dropped, mask = torch.native_dropout(x, p, True)
+            finally:
+                generator.set_state(now)
+        else:
+            dropped = x
         grad_x = grad_weight = None
-        grad_2d = grad_low.reshape(-1, grad_low.shape[-1])
         if ctx.needs_input_grad[1]:
             dropped_2d = dropped.reshape(-1, dropped.shape[-1]).to(ctx.dtype)
-            grad_weight = (grad_2d.t() @ dropped_2d).to(weight.dtype)
-        del dropped
+            grad_weight = (grad_low.reshape(-1, grad_low.shape[-1]).t() @ dropped_2d) \
+                .to(weight.dtype)
+        del dropped, x
         if ctx.needs_input_grad[0]:
-            grad_dropped = (grad_low @ weight.to(ctx.dtype)).to(x.dtype)
-            grad_x = torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1 / (1 - ctx.p))
-        return grad_x, grad_weight, None, None
+            grad_x = (grad_low @ weight.to(ctx.dtype)).to(grad_low.dtype if ctx.recompute
+                                                            else kept[0].dtype)
+            if mode == "seeded":
+                grad_x = seeded_dropout(grad_x, seed, p)
+            elif mode == "replay":
+                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1 / (1 - p))
+        return (grad_x, grad_weight, None, None, None, None) + (None,) * len(kept) * \
+            bool(ctx.recompute)
+
+
+def _check_p(p: float, name: str) -> None:
+    if not 0 < p < 1:
+        raise ValueError(f"{name}: dropout p must be in (0, 1), got {p}")
 
 
 def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
     """F.linear(dropout(x, p), weight) in training mode, in the dtype F.linear would use
     (autocast's, else the weight's); backward replays the dropout instead of keeping it."""
-    if not 0 < p < 1:
-        raise ValueError(f"dropped_linear: dropout p must be in (0, 1), got {p}")
-    return _DroppedLinear.apply(x, weight, p, _compute_dtype(x, weight))
+    _check_p(p, "dropped_linear")
+    return _DroppedA.apply(x, weight, p, _compute_dtype(x, weight), "replay", None)
+
+
+def recomputed_dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, mode: str,
+                              recompute, *sources: torch.Tensor) -> torch.Tensor:
+    """F.linear(dropout(x, p), weight) keeping `sources` instead of x, where
+    x == recompute(*sources) (bit for bit: the same function made x). mode: "replay",
+    "seeded" or "none" (p = 0). The gradient reaches x; sources get none from here."""
+    if mode != "none":
+        _check_p(p, "recomputed_dropped_linear")
+    return _DroppedA.apply(x, weight, p, _compute_dtype(x, weight), mode, recompute, *sources)
+
+# ---------------------------------------------------------------- seeded dropout (graph-safe)
+# A CUDA graph cannot read or restore the generator's state from the host, so inside a graphed
+# body (medqlora/graphs.py) the mask is a pure function of a seed tensor and each element's
+# index: the seed is drawn on the device (torch.randint: a graph replay draws a new one), kept
+# for backward, and the mask recomputed from it. The same Bernoulli(1 - p) keep rate as peft's
+# dropout, different draws. The hash is 32-bit integer arithmetic that the Triton kernel (CUDA)
+# and the torch version below (any device; the reference the kernel is checked against) compute
+# alike, bit for bit: lowbias-style xorshift-multiply with multipliers below 2^31, so the int64
+# torch products never overflow.
+_MASK32 = 0xFFFFFFFF
+_SEED_MIX, _MUL1, _MUL2 = 0x61C88647, 0x7FEB352D, 0x5BD1E995
+
+
+def _threshold(p: float) -> int:
+    """Keep an element when the hash's top 24 bits are >= this (probability 1 - p)."""
+    return int(round(p * (1 << 24)))
+
+
+def keep_mask(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    """The seeded mask in plain torch: True where an element is kept (flat, `numel` long)."""
+    h = torch.arange(numel, dtype=torch.int64, device=seed.device)
+    h = (h + ((seed.to(torch.int64) * _SEED_MIX) & _MASK32)) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _MASK32
+    h = h ^ (h >> 16)
+    return (h >> 8) >= _threshold(p)
+
+
+def _torch_seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    keep = keep_mask(seed, t.numel(), p).view(t.shape)
+    return torch.where(keep, t * (1 / (1 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+_TRITON_KERNEL = None
+
+
+def _triton_kernel():
+    """The Triton version of _torch_seeded_dropout, built on first use (CUDA only)."""
+    global _TRITON_KERNEL
+    if _TRITON_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def kernel(x_ptr, out_ptr, seed_ptr, numel, threshold, scale, BLOCK: tl.constexpr):
+            offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            inside = offsets < numel
+            seed = tl.load(seed_ptr).to(tl.uint32)
+            h = offsets.to(tl.uint32) + seed * 0x61C88647
+            h = h ^ (h >> 16)
+            h = h * 0x7FEB352D
+            h = h ^ (h >> 15)
+            h = h * 0x5BD1E995
+            h = h ^ (h >> 16)
+            keep = (h >> 8) >= threshold
+            x = tl.load(x_ptr + offsets, mask=inside)
+            y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+            tl.store(out_ptr + offsets, y.to(x.dtype), mask=inside)
+
+        _TRITON_KERNEL = kernel
+    return _TRITON_KERNEL
+
+
+def seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(t, p) with the mask keep_mask(seed, ...): the Triton kernel on CUDA, torch
+    elsewhere. Applying it to a gradient applies the same mask (dropout's backward)."""
+    if t.is_cuda and _triton_available():
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        block = 1024
+        _triton_kernel()[(-(-t.numel() // block),)](
+            t, out, seed, t.numel(), _threshold(p), 1 / (1 - p), BLOCK=block)
+        return out
+    return _torch_seeded_dropout(t, seed, p)
+
+
+def _triton_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+def seeded_dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """dropped_linear with a seeded mask instead of the generator's: no host-side generator
+    calls, so a CUDA graph can capture it (see above)."""
+    _check_p(p, "seeded_dropped_linear")
+    return _DroppedA.apply(x, weight, p, _compute_dtype(x, weight), "seeded", None)

@@ -106,6 +106,7 @@ class Setup:
     fast_kernels: bool = False
     fused_ce: bool = False
     dropout_copies: bool = True   # a layer keeps peft's LoRA dropout copies (no replay)
+    swiglu_recomputed: bool = False   # down_proj's LoRA input rebuilt from gate and up
     world: int = 1                # processes (GPUs) training together
     strategy: str = "ddp"         # ddp | fsdp (runner.distributed.strategy)
 
@@ -158,7 +159,8 @@ def keeps_dropout_copies(dropout: bool, fused_lora: bool, recomputed: bool) -> b
     return dropout and (recomputed or not fused_lora)
 
 
-def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int:
+def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool,
+                           swiglu_recomputed: bool = False) -> int:
     """Activations one un-checkpointed decoder layer keeps for backward, bf16, fast path.
 
     Counted from what each op saves (Liger RMSNorm: its input; Liger RoPE: nothing; flash or
@@ -171,19 +173,22 @@ def layer_activation_bytes(arch: Arch, tokens: int, dropout_copies: bool) -> int
     1 intermediate) bytes -- instead of sharing the norm outputs and the SwiGLU product.
     Mistral-7B at 8,192 tokens: 1.094 GiB a layer (1.641 with copies); measured on an H200
     by bench/check_activations.py, 1.086 (1.628); at 2,048 tokens 0.273 (0.410) against
-    0.283 (0.415).
+    0.283 (0.415). `swiglu_recomputed` (fused_lora without copies: down_proj's branch
+    rebuilds its input from gate and up, fastpath.recompute_swiglu_products): one
+    intermediate value a token less.
     """
     h, i = arch.hidden, arch.intermediate
     kv = arch.kv_heads * arch.head_dim
     if dropout_copies:
         per_token = 2 * (4.5 * h + 2 * kv + 2 * i) + 3 * (6 * h + i)
     else:
-        per_token = 2 * (6.5 * h + 2 * kv + 3 * i)
+        per_token = 2 * (6.5 * h + 2 * kv + (2 if swiglu_recomputed else 3) * i)
     return int(tokens * per_token)
 
 
 def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allocated: int,
-                         trainable: int, dropout: bool, fused_lora: bool) -> int:
+                         trainable: int, dropout: bool, fused_lora: bool,
+                         graphs: bool = False) -> int:
     """How many of `arch.layers` (the last ones) can skip recompute under `budget_gib` (0 when
     it is null). `dropout`: lora_dropout > 0; which layers keep its copies:
     keeps_dropout_copies.
@@ -194,15 +199,28 @@ def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allo
             token-hidden value)
     peak  = fixed + max(k x (a kept layer - its checkpoint), one recomputed layer):
     the kept layers are the last ones, so backward frees them before it recomputes any other.
+    `graphs` (the kept layers are one CUDA graph, medqlora/graphs.py): the graph also holds
+    its own copy of each kept layer's adapter gradients (4 bytes a parameter) and of its
+    input, output and their gradients (fixed + 4 x tokens x hidden x 2), and its pool stays
+    reserved while an eager layer recomputes (peak = fixed + k x kept + one recomputed, unless
+    all layers are kept).
     """
     if budget_gib is None:
         return 0
-    kept = layer_activation_bytes(arch, tokens, keeps_dropout_copies(dropout, fused_lora, False))
+    kept = layer_activation_bytes(arch, tokens, keeps_dropout_copies(dropout, fused_lora, False),
+                                  fused_lora)
     recomputed = layer_activation_bytes(arch, tokens,
-                                        keeps_dropout_copies(dropout, fused_lora, True))
+                                        keeps_dropout_copies(dropout, fused_lora, True),
+                                        fused_lora)
     checkpoint = tokens * arch.hidden * 2
     working = GIB // 2 + 8 * tokens * arch.hidden
     fixed = allocated + 3 * 4 * trainable + arch.layers * checkpoint + working
+    if graphs:
+        fixed += 4 * tokens * arch.hidden * 2
+        kept += 4 * trainable // arch.layers
+        if budget_gib * GIB - fixed >= arch.layers * (kept - checkpoint):
+            return arch.layers                       # all graphed: nothing recomputes
+        fixed += recomputed   # the graph's pool stays reserved while eager layers recompute
     spare = budget_gib * GIB - fixed
     if spare < recomputed:
         return 0
@@ -212,7 +230,8 @@ def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allo
 def layer_working_bytes(arch: Arch, setup: Setup) -> int:
     """What one decoder layer keeps for its backward pass (see the module docstring)."""
     if setup.fast_kernels:
-        return layer_activation_bytes(arch, setup.tokens, setup.dropout_copies)
+        return layer_activation_bytes(arch, setup.tokens, setup.dropout_copies,
+                                      setup.swiglu_recomputed)
     act = 2 if setup.fast_frozen_bf16 or not setup.load_in_4bit else 4
     kv = arch.kv_heads * arch.head_dim
     return setup.tokens * act * (13 * arch.hidden + 3 * kv + 5 * arch.intermediate)

@@ -48,7 +48,8 @@ def setup_from(params, device: str = "cuda") -> Setup:
         compute_bytes=DTYPE_BYTES[q.bnb_4bit_compute_dtype], r=params.lora.r, targets=targets,
         optim=t.optim, checkpointing=checkpointing,
         fast_frozen_bf16=plan.frozen_in_compute_dtype, fast_kernels=plan.fused_kernels,
-        fused_ce=plan.fused_cross_entropy, dropout_copies=copies, world=dist.num_processes,
+        fused_ce=plan.fused_cross_entropy, dropout_copies=copies,
+        swiglu_recomputed=plan.fused_lora, world=dist.num_processes,
         strategy=dist.strategy)
 
 

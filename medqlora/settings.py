@@ -169,6 +169,16 @@ class FastPathParams:
     layers that skip recompute, but launch more kernels per token: on an H200 1 x 2048 tokens is
     launch-bound and slower than 4 x 2048 (bench/README.md). null (default): micro-batches of
     train.per_device_train_batch_size rows."""
+    cuda_graphs: bool
+    """On CUDA, capture the decoder layers that skip recompute as CUDA graphs
+    (medqlora/graphs.py) at the first training micro-batch and replay them for every later one of
+    the same shape: two graph launches instead of ~200 kernel launches a layer, so small
+    micro-batches stop waiting on Python. Pays off with fixed-length rows and micro_batch_tokens
+    = data.max_seq_length (all layers fit without recompute at 1 x 2048 tokens; bench/README.md).
+    Micro-batches with padding, document boundaries (packed or padding-free rows), another shape,
+    and evaluation run eagerly. In graphed layers the LoRA dropout mask comes from a seed drawn
+    on the device (medqlora/lora_branch.py): the same keep rate, other draws than peft's. Off by
+    default."""
     checkpoint_policy: str
     """all: recompute every decoder layer; none: keep all activations; budget: leave as many
     layers un-checkpointed as train.memory_budget_gib allows (all when the budget is null)."""

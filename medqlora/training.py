@@ -246,9 +246,12 @@ def fit_adaptive(params: Params, ctx: RunContext, tokenizer, data, run_dir: Path
 
 # ---------------------------------------------------------------- save
 
-def peak_memory_gib(device: str) -> float:
-    """CUDA max allocated, or the process's peak RSS on CPU (Linux reports KiB)."""
+def peak_memory_gib(device: str, graph_pools: bool = False) -> float:
+    """CUDA max allocated (max reserved when CUDA graphs replayed: their private pools are
+    invisible to the allocated count), or the process's peak RSS on CPU (Linux reports KiB)."""
     if device == "cuda" and torch.cuda.is_available():
+        if graph_pools:
+            return torch.cuda.max_memory_reserved() / 2**30
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
@@ -284,6 +287,8 @@ def train_metrics(attempt: Attempt) -> dict:
     tokens_at_resume = resumed.tokens_seen if resumed else 0
     trainable, total = modeling.trainable_parameters(trainer.model)
     tokens = int(state.num_input_tokens_seen)
+    graphed = getattr(trainer.model, "medqlora_graphs", None)   # train.fast_path.cuda_graphs
+    pools = graphed is not None and graphed.replays > 0
     return {
         "train_loss": losses[-1] if losses else None,
         "eval_loss": final_eval,
@@ -299,9 +304,11 @@ def train_metrics(attempt: Attempt) -> dict:
         # real tokens / positions computed, over the micro-batches the fast path's collator
         # made (training and validation); None when the plain collator ran
         "packing_efficiency": getattr(trainer.data_collator, "efficiency", None),
-        "peak_memory_gib": peak_memory_gib(device),
+        "peak_memory_gib": peak_memory_gib(device, pools),
         # every process's peak, rank order (collective: all ranks compute metrics)
-        "peak_memory_gib_per_process": launch.gather(peak_memory_gib(device)),
+        "peak_memory_gib_per_process": launch.gather(peak_memory_gib(device, pools)),
+        # layers graphed, micro-batches replayed / run eagerly (None: cuda_graphs off)
+        "cuda_graphs": graphed.summary() if graphed else None,
         "trainable_params": trainable,
         "total_params": total,
         "effective_batch": plan.effective_batch,  # micro x accumulation x processes

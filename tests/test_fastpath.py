@@ -119,14 +119,14 @@ def test_packed_rows_padded_to_one_shape_with_boundaries():
 
 
 def test_resolve_auto_is_off_on_cpu_and_notes_gpu_only_parts():
-    fast = config.FastPathParams("auto", True, True, True, True, True, True, 2048, "budget",
-                                  True)
+    fast = config.FastPathParams("auto", True, True, True, True, True, True, 2048, True,
+                                  "budget", True)
     assert not fastpath.resolve(fast, "cpu").any
     on_cpu = fastpath.resolve(dataclasses.replace(fast, enabled="on"), "cpu")
-    assert (on_cpu.fused_kernels, on_cpu.fused_cross_entropy, on_cpu.fused_optimizer) == (
-        False, False, False)
+    assert (on_cpu.fused_kernels, on_cpu.fused_cross_entropy, on_cpu.fused_optimizer,
+            on_cpu.cuda_graphs) == (False, False, False, False)
     assert on_cpu.fused_lora and on_cpu.padding_free and on_cpu.varlen_attention
-    assert len(on_cpu.notes) == 1
+    assert len(on_cpu.notes) == 2
     assert not fastpath.resolve(dataclasses.replace(fast, enabled="off"), "cuda").any
 
 
@@ -137,25 +137,36 @@ def test_checkpoint_budget_arithmetic():
     arch = memory.Arch(4096, 14336, 32, 32, 8, 128, 32000, False)
     replayed = memory.layer_activation_bytes(arch, 2048, dropout_copies=False)
     copies = memory.layer_activation_bytes(arch, 2048, dropout_copies=True)
+    # fused_lora also rebuilds down_proj's input from gate and up: 2 intermediates, not 3
+    fused = memory.layer_activation_bytes(arch, 2048, False, swiglu_recomputed=True)
     assert replayed == 2048 * 2 * (6.5 * 4096 + 2 * 1024 + 3 * 14336) == 280 * 2**20
+    assert fused == 2048 * 2 * (6.5 * 4096 + 2 * 1024 + 2 * 14336) == 224 * 2**20
     assert copies == 2048 * (2 * (4.5 * 4096 + 2048 + 2 * 14336) + 3 * (6 * 4096 + 14336))
     gib = 2**30
     allocated, trainable = 5 * gib, 168_000_000
     checkpoint = 2048 * 4096 * 2
     fixed = allocated + 12 * trainable + 32 * checkpoint + gib // 2 + 8 * 2048 * 4096
 
-    def fits(budget_bytes, dropout=True, replayed_in_kept=True):
+    def fits(budget_bytes, dropout=True, fused_lora=True, graphs=False):
         return memory.layers_within_budget(budget_bytes / gib, arch, 2048, allocated,
-                                           trainable, dropout, replayed_in_kept)
-    budget = fixed + 10.5 * (replayed - checkpoint)   # room for 10.5 kept layers -> 10
+                                           trainable, dropout, fused_lora, graphs)
+    budget = fixed + 10.5 * (fused - checkpoint)   # room for 10.5 kept layers -> 10
     assert fits(budget) == 10
-    assert fits(budget, replayed_in_kept=False) == int(10.5 * (replayed - checkpoint)
-                                                       // (copies - checkpoint)) == 6
-    assert fits(budget, dropout=False) == 10           # no dropout: nothing to copy either way
+    assert fits(budget, fused_lora=False) == int(10.5 * (fused - checkpoint)
+                                                 // (copies - checkpoint)) == 5
+    assert fits(budget, dropout=False) == 10       # no dropout: nothing to copy either way
     # Below one recomputed layer's working set (with peft's copies) nothing can be skipped;
     # just above it, as many kept layers as that room holds.
     assert fits(fixed + copies - 1) == 0
-    assert fits(fixed + copies) == int(copies // (replayed - checkpoint)) == 1
+    assert fits(fixed + copies) == int(copies // (fused - checkpoint)) == 2
+    # CUDA graphs: the graph's own input/output/gradient buffers and adapter gradients, and
+    # its pool stays reserved while a recomputed layer runs
+    graph_fixed = fixed + 4 * 2048 * 4096 * 2 + copies
+    graph_kept = fused + 4 * trainable // 32
+    assert fits(graph_fixed + 10.5 * (graph_kept - checkpoint), graphs=True) == 10
+    all_graphed = graph_fixed - copies + 32 * (graph_kept - checkpoint)   # none recomputed
+    assert fits(all_graphed, graphs=True) == 32
+    assert fits(all_graphed - 1, graphs=True) < 32
     assert memory.layers_within_budget(None, arch, 2048, allocated, trainable, True, True) == 0
     assert memory.layers_within_budget(1000.0, arch, 2048, allocated, trainable, True,
                                        True) == 32
@@ -216,12 +227,15 @@ def test_dropped_linear_keeps_x_not_copies_and_replays_the_same_mask():
 def test_fused_lora_with_dropout_matches_peft(tmp_path, tiny_model, monkeypatch, policy):
     # lora_dropout 0.1: layers that keep their activations (policy none) replay the dropout,
     # recomputed ones (policy all) use peft's; either way the masks are peft's, so loss and
-    # gradients match peft's own forward.
+    # gradients match peft's own forward. down_proj's branch also rebuilds its input from
+    # the SwiGLU's gate and up in backward, whatever the policy.
     from medqlora import lora_branch
-    replays = []
-    original = lora_branch.dropped_linear
+    replays, rebuilt = [], []
+    original, recomputed = lora_branch.dropped_linear, lora_branch.recomputed_dropped_linear
     monkeypatch.setattr(lora_branch, "dropped_linear",
                         lambda *a: replays.append(1) or original(*a))
+    monkeypatch.setattr(lora_branch, "recomputed_dropped_linear",
+                        lambda *a: rebuilt.append(a[3]) or recomputed(*a))
 
     def run(fast: bool):
         params = _params(checkpoint_policy=policy, padding_free=False, varlen_attention=False,
@@ -241,8 +255,8 @@ def test_fused_lora_with_dropout_matches_peft(tmp_path, tiny_model, monkeypatch,
             layers = fastpath.decoder_layers(model)
             assert [layer.gradient_checkpointing for layer in layers] == \
                 [policy == "all"] * len(layers)
-            flags = {m.replay_dropout for m in model.modules() if hasattr(m, "_peft_forward")}
-            assert flags == {policy == "none"}
+            flags = {m.dropout_mode for m in model.modules() if hasattr(m, "_peft_forward")}
+            assert flags == {"replay" if policy == "none" else "peft"}
         vocab = model.config.vocab_size
         batch = Collator(pad_token_id=0)(_rows([9, 23, 16, 30], vocab))
         model.train()
@@ -253,9 +267,12 @@ def test_fused_lora_with_dropout_matches_peft(tmp_path, tiny_model, monkeypatch,
     plain_loss, plain_grads = run(False)
     assert not replays
     fast_loss, fast_grads = run(True)
-    # every adapted projection (7 a layer) replays once in forward (policy none), or none does
+    # every adapted projection but down_proj (6 a layer) replays once in forward (policy
+    # none), or none does; down_proj replays from its rebuilt input (policy none) or uses
+    # peft's dropout (policy all: the layer's forward runs twice, so its branch too)
     layers = yaml.safe_load((tiny_model / "config.json").read_text())["num_hidden_layers"]
-    assert len(replays) == (7 * layers if policy == "none" else 0)
+    assert len(replays) == (6 * layers if policy == "none" else 0)
+    assert rebuilt == (["replay"] * layers if policy == "none" else [])
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
