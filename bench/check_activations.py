@@ -7,9 +7,9 @@ A 2-layer Mistral-7B (random NF4 weights, bench_train.build_base) through the tr
 fast path (every switch on, checkpoint_policy none), LoRA r=64 on 7 projections, dropout 0.05,
 one forward + backward in bf16 autocast on 1 x 2048 and 4 x 2048 tokens:
 1. Saved-tensor bytes per decoder layer (distinct storages autograd keeps, counted by
-   saved_tensors_hooks), with fused_lora's replayed dropout and with peft's dropout in the
-   same fused branch (lora_branch.dropped_linear swapped for F.linear(F.dropout(x))), against
-   medqlora.memory.layer_activation_bytes, the model the checkpoint budget plans with.
+   saved_tensors_hooks), with fused_lora's replayed dropout (and down_proj's input rebuilt
+   from gate and up) and with peft's dropout in the same fused branch (dropout_mode "peft"),
+   against medqlora.memory.layer_activation_bytes, the model the checkpoint budget plans with.
 2. Exactness: from the same generator state both compute the loss and every adapter gradient;
    the max |difference| (0 when the replay draws peft's masks bit for bit).
 3. Forward + backward time of each (2 layers; a relative figure only).
@@ -28,17 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import FAST, build_base, medqlora_path  # noqa: E402
-from medqlora import lora_branch, memory  # noqa: E402
+from medqlora import memory  # noqa: E402
 
 LAYERS, DROPOUT = 2, 0.05
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 sync = torch.cuda.synchronize if CUDA else (lambda: None)
-
-
-def peft_dropout(x, weight, p):
-    """What the fused branch computed before the replay: peft's dropout, then A."""
-    return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, True), weight)
 
 
 class LayerBytes:
@@ -98,8 +93,10 @@ def measure(arch_name: str, rows: int, seq: int) -> dict:
     out = {"arch": arch_name, "device": torch.cuda.get_device_name() if CUDA else "cpu",
            "rows": rows, "tokens": rows * seq}
     arch = memory.Arch.from_config(model.config.to_dict())
-    for name, fn in (("replayed", lora_branch.dropped_linear), ("peft dropout", peft_dropout)):
-        lora_branch.dropped_linear = fn
+    for name, mode in (("replayed", "replay"), ("peft dropout", "peft")):
+        for module in model.modules():
+            if hasattr(module, "_peft_forward"):      # fastpath.fuse_lora's branch
+                module.dropout_mode = mode
         counter = LayerBytes(layers)
         loss, grads, _ = step(model, batch, 1234, counter)
         counter.remove()
@@ -107,7 +104,8 @@ def measure(arch_name: str, rows: int, seq: int) -> dict:
         out[name] = {"loss": loss, "grads": grads, "seconds": min(times),
                      "saved_gib_per_layer": [b / 2**30 for b in counter.per_layer()],
                      "model_gib": memory.layer_activation_bytes(
-                         arch, rows * seq, dropout_copies=name != "replayed") / 2**30}
+                         arch, rows * seq, dropout_copies=name != "replayed",
+                         swiglu_recomputed=name == "replayed") / 2**30}
     replayed, plain = out["replayed"], out["peft dropout"]
     out["max_grad_diff"] = max((replayed["grads"][n] - g).abs().max().item()
                                for n, g in plain["grads"].items())
@@ -126,10 +124,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    original = lora_branch.dropped_linear
     results = []
     for rows in (1, 4):
-        lora_branch.dropped_linear = original
         results.append(measure(args.arch, rows, args.seq))
         if CUDA:
             torch.cuda.empty_cache()

@@ -107,6 +107,7 @@ class Setup:
     fused_ce: bool = False
     dropout_copies: bool = True   # a layer keeps peft's LoRA dropout copies (no replay)
     swiglu_recomputed: bool = False   # down_proj's LoRA input rebuilt from gate and up
+    cuda_graphs: bool = False     # kept layers replayed as a CUDA graph (medqlora/graphs.py)
     world: int = 1                # processes (GPUs) training together
     strategy: str = "ddp"         # ddp | fsdp (runner.distributed.strategy)
 
@@ -294,6 +295,8 @@ def estimate(arch: Arch, setup: Setup) -> Estimate:
         shard_fsdp(out, arch, setup, lora)
     elif setup.world > 1:  # DDP all-reduces gradients through buckets of their own size
         out.rows["DDP gradient buckets"] = lora * 4
+    if setup.cuda_graphs:  # the graph's own adapter gradients and its input/output buffers
+        out.rows["CUDA graph buffers"] = lora * 4 + 4 * setup.tokens * arch.hidden * 2
     resid = 4 if upcast else 2
     layer = layer_working_bytes(arch, setup)
     logits = logits_bytes(arch, setup)

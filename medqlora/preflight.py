@@ -49,7 +49,8 @@ def setup_from(params, device: str = "cuda") -> Setup:
         optim=t.optim, checkpointing=checkpointing,
         fast_frozen_bf16=plan.frozen_in_compute_dtype, fast_kernels=plan.fused_kernels,
         fused_ce=plan.fused_cross_entropy, dropout_copies=copies,
-        swiglu_recomputed=plan.fused_lora, world=dist.num_processes,
+        swiglu_recomputed=plan.fused_lora, cuda_graphs=plan.cuda_graphs,
+        world=dist.num_processes,
         strategy=dist.strategy)
 
 

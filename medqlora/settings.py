@@ -140,13 +140,14 @@ class FastPathParams:
     fused_kernels: bool
     """Liger Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA + liger-kernel)."""
     fused_cross_entropy: bool
-    """Liger fused linear cross-entropy: the loss is computed in chunks and full fp32 logits
-    (tokens x vocab) are never materialised (CUDA + liger-kernel)."""
+    """Liger fused linear cross-entropy: the loss is computed in chunks of up to 2048 tokens and
+    full fp32 logits (tokens x vocab) are never materialised (CUDA + liger-kernel)."""
     fused_lora: bool
     """LoRA branch as one GEMM whose epilogue adds scale x B(A(dropout(x))) onto the 4-bit base
     output, instead of peft's clone + multiply + add passes, and a dropout that backward replays
     from the generator state instead of keeping the dropped copy and mask
-    (medqlora/lora_branch.py). Same maths, same masks."""
+    (medqlora/lora_branch.py); down_proj's branch keeps the SwiGLU's gate and up (kept anyway)
+    and rebuilds their product in backward instead of keeping it. Same maths, same masks."""
     frozen_in_compute_dtype: bool
     """Keep frozen norms, embeddings and lm_head in the compute dtype (bf16) instead of peft's
     fp32 upcast; the adapter weights stay fp32. Halves the checkpointed residual stream."""

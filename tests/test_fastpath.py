@@ -100,6 +100,73 @@ def test_padding_free_collation_exact():
     # Rows of (nearly) equal length save < 10%: padded as before, attention mask included.
     same = [{"input_ids": [1] * 10, "labels": [1] * 10}, {"input_ids": [2] * 9, "labels": [2] * 9}]
     assert set(fastpath.PaddingFree(inner)(same)) == {"input_ids", "labels", "attention_mask"}
+    # Rows of equal length: no padding, so no mask (the model's causal default is the same
+    # attention, and it need not inspect a mask on the GPU, a host sync a micro-batch).
+    full = [{"input_ids": [1] * 10, "labels": [1] * 10}, {"input_ids": [2] * 10, "labels": [2] * 10}]
+    assert set(fastpath.PaddingFree(inner)(full)) == {"input_ids", "labels"}
+
+
+def test_loss_chunks_of_up_to_2048_tokens():
+    # Liger sizes a chunk's logits like the hidden states (Llama-3-8B: 32 chunks of 64 tokens
+    # for 2048, each reading the whole lm_head); the hook asks for chunks of up to 2048.
+    from types import SimpleNamespace
+    llama = SimpleNamespace(config=SimpleNamespace(vocab_size=128256, hidden_size=4096))
+    labels = torch.zeros(1, 2048, dtype=torch.long)
+
+    def chunk_mem_const(module, rows):
+        ids = torch.zeros(rows, 2048, dtype=torch.long)
+        return fastpath._loss_chunks(module, (), {"input_ids": ids, "labels": labels})[1][
+            "chunk_mem_const"]
+    assert chunk_mem_const(llama, 1) == 32       # ceil(128256 / 4096): one chunk
+    assert chunk_mem_const(llama, 4) == 8        # 8192 tokens: 4 chunks of 2048
+    mistral = SimpleNamespace(config=SimpleNamespace(vocab_size=32000, hidden_size=4096))
+    assert chunk_mem_const(mistral, 4) == 2
+    # what Liger makes of it: inc_factor = ceil(V / (c x H)), chunk = tokens / inc_factor
+    for module, rows in ((llama, 1), (llama, 4), (mistral, 4), (mistral, 1)):
+        config, tokens = module.config, rows * 2048
+        factor = -(-config.vocab_size // (chunk_mem_const(module, rows) * config.hidden_size))
+        assert tokens // factor == 2048
+    # generation and evaluation without labels, or a caller's own setting: untouched
+    assert fastpath._loss_chunks(llama, (), {"input_ids": labels}) is None
+    assert fastpath._loss_chunks(llama, (), {"input_ids": labels, "labels": labels,
+                                             "chunk_mem_const": 1}) is None
+
+
+@pytest.mark.slow
+def test_graphed_layers_fall_back_to_the_same_eager_forward(tmp_path, tiny_model):
+    # cuda_graphs patches the kept layers (medqlora/graphs.py); a call the graph cannot serve
+    # -- here, on a CPU -- runs every layer eagerly, with the same loss and gradients as the
+    # unpatched model, and says why it declined.
+    from medqlora import graphs
+    params = _params(checkpoint_policy="none", padding_free=False, varlen_attention=False)
+    vocab = yaml.safe_load((tiny_model / "config.json").read_text())["vocab_size"]
+    rows = _rows([12, 12, 12, 12], vocab)
+    plain_loss, plain_grads, _, _ = _loss_and_grads(params, True, rows, tmp_path)
+    precision = modeling.resolve_precision(params.quantization, "no", device="cpu")
+    torch.manual_seed(0)
+    model = training.build_model(params, precision)
+    layers = fastpath.decoder_layers(model)
+    state = graphs.capture_layers(layers, 1)
+    assert len(state.layers) == len(layers) - 1 and graphs.capture_layers(layers, len(layers)) \
+        is None
+    assert not any(layer.gradient_checkpointing for layer in layers[1:])
+    batch = Collator(pad_token_id=0)(rows)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(plain_loss, rel=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, plain_grads[name], rtol=1e-5, atol=1e-7)
+    assert (state.replays, state.eager_calls, state.graphed) == (0, 1, None)
+    assert state.declined == "on cuda"
+    assert state.summary() == {"layers": len(layers) - 1, "replays": 0,
+                               "eager_micro_batches": 1, "declined": "on cuda",
+                               "capture_failure": None}
+    padded = Collator(pad_token_id=0)(_rows([12, 5, 12, 12], vocab))
+    with torch.no_grad():
+        model(**padded)
+    assert "grad enabled" in state.declined and "no attention mask" in state.declined
 
 
 def test_packed_rows_padded_to_one_shape_with_boundaries():
@@ -220,6 +287,65 @@ def test_dropped_linear_keeps_x_not_copies_and_replays_the_same_mask():
     assert after_backward == torch.randint(10**9, (1,)).item()   # replay put the state back
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         dropped_linear(x, weights[0], 0.0)
+
+
+def test_seeded_dropout_draws_its_mask_from_a_seed_tensor_only():
+    # The graph-safe dropout: the mask is a function of (seed, index) -- keep rate 1 - p, the
+    # same mask for the input in forward and its gradient in backward -- and the branch keeps
+    # x and a one-element seed, never a dropped copy or a mask.
+    from medqlora import lora_branch
+    seed = torch.tensor([12345])
+    keep = lora_branch.keep_mask(seed, 200_000, 0.05)
+    assert abs(keep.float().mean().item() - 0.95) < 0.003
+    assert torch.equal(keep, lora_branch.keep_mask(seed.clone(), 200_000, 0.05))
+    assert not torch.equal(keep, lora_branch.keep_mask(seed + 1, 200_000, 0.05))
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    weight = torch.randn(4, 16, requires_grad=True)
+    torch.manual_seed(3)
+    low, saved = _saved_bytes(lambda: lora_branch.seeded_dropped_linear(x, weight, 0.25))
+    assert saved == x.numel() * 4 + weight.numel() * 4 + 8      # x, A and the int64 seed
+    torch.manual_seed(3)
+    drawn = torch.randint(0, 2**31 - 1, (1,))                    # the seed forward drew
+    mask = lora_branch.keep_mask(drawn, x.numel(), 0.25).view(x.shape)
+    x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = torch.nn.functional.linear(torch.where(mask, x2 * (1 / 0.75), torch.zeros(())),
+                                          w2)
+    torch.testing.assert_close(low, expected, rtol=0, atol=1e-6)
+    upstream = torch.randn_like(low)
+    grads = torch.autograd.grad(low, [x, weight], upstream)
+    expected_grads = torch.autograd.grad(expected, [x2, w2], upstream)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (grads[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["replay", "none"])
+def test_down_input_is_rebuilt_from_gate_and_up(mode):
+    # down_proj's branch keeps the SwiGLU's gate and up (which its backward keeps anyway) and
+    # rebuilds their product in backward: the same output and gradients as keeping it.
+    from medqlora import lora_branch
+    gate = torch.randn(2, 6, 24, requires_grad=True)
+    up = torch.randn(2, 6, 24, requires_grad=True)
+    weight = torch.randn(8, 24, requires_grad=True)
+    product = lambda g, u: torch.nn.functional.silu(g) * u   # noqa: E731
+    p = 0.2 if mode == "replay" else 0.0
+
+    def branch(rebuilt: bool):
+        h = product(gate, up)
+        if rebuilt:
+            return lora_branch.recomputed_dropped_linear(h, weight, p, mode, product, gate, up)
+        return torch.nn.functional.linear(torch.nn.functional.dropout(h, p, True), weight)
+    torch.manual_seed(11)
+    kept, kept_bytes = _saved_bytes(lambda: branch(False))
+    torch.manual_seed(11)
+    rebuilt, rebuilt_bytes = _saved_bytes(lambda: branch(True))
+    torch.testing.assert_close(rebuilt, kept, rtol=0, atol=0)
+    # the product (and with dropout its dropped copy and mask) is no longer kept
+    assert rebuilt_bytes <= kept_bytes - gate.numel() * 4
+    upstream = torch.randn_like(kept)
+    for a, b in zip(torch.autograd.grad(kept, [gate, up, weight], upstream),
+                    torch.autograd.grad(rebuilt, [gate, up, weight], upstream)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -169,3 +169,24 @@ def test_setup_follows_micro_batches_and_where_dropout_is_replayed(tmp_path):
     assert memory.layer_working_bytes(arch, split) == memory.layer_activation_bytes(
         arch, 2048, dropout_copies=True)
     assert estimate(arch, split).peak < estimate(arch, setup()).peak
+
+
+def test_setup_plans_the_rebuilt_down_input_and_cuda_graph_buffers(tmp_path):
+    # fused_lora keeps gate and up for down_proj's branch instead of their product: an
+    # un-recomputed layer plans 2 intermediates a token, not 3; cuda_graphs adds the graph's
+    # adapter gradients and input/output buffers.
+    def setup(**fast):
+        path = mistral_params(tmp_path, **{"train.fast_path": {"enabled": "on", **fast}})
+        return preflight.setup_from(load_params(path), device="cuda")
+    arch = Arch.from_config(MISTRAL)
+    kept = setup(checkpoint_policy="none")
+    assert kept.swiglu_recomputed and not setup(fused_lora=False).swiglu_recomputed
+    h, kv, i = arch.hidden, arch.kv_heads * arch.head_dim, arch.intermediate
+    assert memory.layer_working_bytes(arch, kept) == int(
+        kept.tokens * 2 * (6.5 * h + 2 * kv + 2 * i))
+    graphed = setup(checkpoint_policy="none", cuda_graphs=True)
+    assert graphed.cuda_graphs and not kept.cuda_graphs
+    lora = memory.lora_params(arch, 64, memory.PROJECTIONS)
+    buffers = estimate(arch, graphed).rows["CUDA graph buffers"]
+    assert buffers == lora * 4 + 4 * graphed.tokens * h * 2
+    assert estimate(arch, graphed).peak == estimate(arch, kept).peak + buffers
