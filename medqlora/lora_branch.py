@@ -15,7 +15,9 @@ the same state (F.dropout runs native_dropout on CUDA; on CPU its bernoulli draw
 native_dropout's), so a run with this and a run with peft's forward see the same masks and
 compute the same loss (tests/test_fastpath.py checks it, dropout 0.1, on CPU).
 Activation checkpointing restores the generator before it recomputes a layer, so a recomputed
-forward draws the same masks again. The generator calls cannot be captured in a CUDA graph.
+forward draws the same masks again. The generator calls cannot be captured in a CUDA graph:
+seeded_dropped_linear (below) is the variant a graph can hold. recomputed_dropped_linear keeps
+neither: down_proj's input is rebuilt from the SwiGLU's gate and up in backward.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class _DroppedA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p: float, dtype: torch.dtype, mode: str, recompute, *sources):
         ctx.p, ctx.dtype, ctx.mode, ctx.recompute = p, dtype, mode, recompute
+        ctx.x_dtype = x.dtype
         seed = None
         if mode == "seeded":
             seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
@@ -93,8 +96,7 @@ class _DroppedA(torch.autograd.Function):
                 .to(weight.dtype)
         del dropped, x
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_low @ weight.to(ctx.dtype)).to(grad_low.dtype if ctx.recompute
-                                                            else kept[0].dtype)
+            grad_x = (grad_low @ weight.to(ctx.dtype)).to(ctx.x_dtype)
             if mode == "seeded":
                 grad_x = seeded_dropout(grad_x, seed, p)
             elif mode == "replay":

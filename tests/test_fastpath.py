@@ -161,12 +161,43 @@ def test_graphed_layers_fall_back_to_the_same_eager_forward(tmp_path, tiny_model
     assert (state.replays, state.eager_calls, state.graphed) == (0, 1, None)
     assert state.declined == "on cuda"
     assert state.summary() == {"layers": len(layers) - 1, "replays": 0,
-                               "eager_micro_batches": 1, "declined": "on cuda",
+                               "eager_forwards": 1, "declined": "on cuda",
                                "capture_failure": None}
     padded = Collator(pad_token_id=0)(_rows([12, 5, 12, 12], vocab))
     with torch.no_grad():
         model(**padded)
     assert "grad enabled" in state.declined and "no attention mask" in state.declined
+
+
+def test_graph_gradients_accumulate_as_a_sum():
+    # A graphed backward returns gradients in static buffers its next replay overwrites (as
+    # torch.cuda.make_graphed_callables does). Without graphs.own_gradients autograd adopts
+    # the buffer as .grad and 16 micro-batches end with twice the last one's gradient.
+    from medqlora import graphs
+    static = torch.zeros(3)
+
+    class Replayed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            return x + weight.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            static.copy_(ctx.value)                  # the replay writes its static output
+            return None, static.detach()
+
+    def accumulate(weight):
+        for value in (1.0, 2.0, 3.0, 5.0):
+            out = Replayed.apply(torch.ones(1), weight)
+            out.grad_fn.value = torch.full((3,), value)
+            out.sum().backward()
+        return weight.grad
+    bare = torch.nn.Parameter(torch.zeros(3))
+    assert accumulate(bare).tolist() == [10.0] * 3          # 2 x 5: the failure it prevents
+    owned = torch.nn.Parameter(torch.zeros(3))
+    graphs.own_gradients([owned])
+    assert accumulate(owned).tolist() == [11.0] * 3         # 1 + 2 + 3 + 5
+    assert owned.grad.data_ptr() != static.data_ptr()
 
 
 def test_packed_rows_padded_to_one_shape_with_boundaries():
