@@ -52,7 +52,7 @@ def kernel_check() -> dict:
 
 
 def run(variant: str, arch: str, layers: int | None, dropout_kind: str) -> dict:
-    from medqlora import graphs
+    from medqlora import fastpath, graphs
     if variant == "kernel":
         return kernel_check()
     dropout = 0.0 if variant == "check" else 0.05
@@ -60,7 +60,7 @@ def run(variant: str, arch: str, layers: int | None, dropout_kind: str) -> dict:
                 fast={**FAST, "checkpoint_policy": "none", "micro_batch_tokens": SEQ})
     model, collator, _ = medqlora_path(spec, build_base(arch, layers), "/tmp/probe-graphs", None)
     model.train()
-    stack = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    stack = fastpath.decoder_layers(model)
     state = graphs.capture_layers(stack, 0) if variant != "eager" else None
     for m in model.modules():
         if hasattr(m, "_peft_forward") and not (variant != "eager" and dropout_kind == "seeded"):

@@ -237,6 +237,8 @@ def recompute_swiglu_products(model, liger: bool) -> int:
     """Give every gated-SiLU MLP whose down_proj has the fused LoRA branch _swiglu_mlp_forward;
     `liger`: the product is Liger's SwiGLU kernel (apply_liger ran), else act_fn(gate) * up.
     Returns how many MLPs changed."""
+    if liger:
+        from liger_kernel.transformers.functional import liger_swiglu
     count = 0
     for module in model.modules():
         down = getattr(module, "down_proj", None)
@@ -246,7 +248,6 @@ def recompute_swiglu_products(model, liger: bool) -> int:
                 and hasattr(down, "_peft_forward")):
             continue
         if liger:
-            from liger_kernel.transformers.functional import liger_swiglu
             module.swiglu_product = liger_swiglu
         else:
             module.swiglu_product = lambda gate, up, _act=act: _act(gate) * up

@@ -21,6 +21,9 @@ neither: down_proj's input is rebuilt from the SwiGLU's gate and up in backward.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 
@@ -126,6 +129,7 @@ def recomputed_dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, m
         _check_p(p, "recomputed_dropped_linear")
     return _DroppedA.apply(x, weight, p, _compute_dtype(x, weight), mode, recompute, *sources)
 
+
 # ---------------------------------------------------------------- seeded dropout (graph-safe)
 # A CUDA graph cannot read or restore the generator's state from the host, so inside a graphed
 # body (medqlora/graphs.py) the mask is a pure function of a seed tensor and each element's
@@ -204,8 +208,9 @@ def seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     return _torch_seeded_dropout(t, seed, p)
 
 
+@functools.cache
 def _triton_available() -> bool:
-    import importlib.util
+    """Looked up once: seeded_dropout asks on every call (7 projections a layer)."""
     return importlib.util.find_spec("triton") is not None
 
 
