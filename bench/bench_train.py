@@ -122,7 +122,7 @@ def suite(name: str) -> list[dict]:
             "medical": medical[:2] + parity_medical,
             "fixed": main + llama_pair,
             "micro": [main[0], one_row],
-            "graphs": graphs,
+            "graphs": graphs, "graphs-mistral": graphs[:2], "graphs-row": graphs[1:2],
             "all": main + [one_row] + extra + ablations + parity + parity_medical}[name]
 
 
@@ -264,8 +264,10 @@ def medqlora_path(spec: dict, base, out_dir: str, budget_gib: float | None):
     args = training.training_args(params, ctx, plan, Path(out_dir), fresh=True)
     args = dataclasses.replace(args, eval_strategy="no", eval_on_start=False, save_strategy="no",
                                load_best_model_at_end=False, metric_for_best_model=None)
-    return fastpath.apply(model, params, args, collation.Collator(pad_token_id=0),
-                          plan=ctx.fast_path)
+    model, collator, args = fastpath.apply(model, params, args,
+                                           collation.Collator(pad_token_id=0), plan=ctx.fast_path)
+    collator, _ = training.host_counts(model, collator)   # as training.fit
+    return model, collator, args
 
 
 # ---------------------------------------------------------------- one row (child process)
@@ -293,23 +295,43 @@ def run_row(spec: dict, budget_gib: float | None) -> dict:
     data = make_rows(spec["scenario"], total * BATCH * ACCUM, spec["seq"], vocab,
                      packed=spec["packed"])
     times: list[float] = []
+    profiling = bool(spec.get("profile_dir")) and spec["variant"] != "reference"
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Timer(TrainerCallback):
+        profiler = python = None
+
         def on_train_begin(self, *a, **k):
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
 
-        def on_step_begin(self, *a, **k):
+        def on_step_begin(self, args, state, control, **k):
+            if profiling and state.global_step == total - 2:    # the host's Python, by call
+                import cProfile
+                self.python = cProfile.Profile()
+                self.python.enable()
+            if profiling and state.global_step == total - 1:    # the last optimizer step
+                from torch.profiler import ProfilerActivity, profile
+                self.profiler = profile(activities=[ProfilerActivity.CPU,
+                                                    ProfilerActivity.CUDA], with_stack=True)
+                self.profiler.__enter__()
             sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             sync()
             times.append(time.perf_counter() - self.t)
+            if self.python is not None:
+                self.python.disable()
+                write_python_profile(self.python, spec)
+                self.python = None
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                write_profile(self.profiler, spec, times[-1])
+                self.profiler = None
 
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting,
                       callbacks=[Timer()])
@@ -332,6 +354,40 @@ def run_row(spec: dict, budget_gib: float | None) -> dict:
         "optim": str(getattr(args.optim, "value", args.optim)), "layers_not_recomputed": skipped,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "versions": versions(),
     }
+
+
+def write_profile(prof, spec: dict, step_s: float) -> None:
+    """The profiled optimizer step: GPU busy time against wall time, the ops with the most
+    device time and the most host time (where a step's time goes inside the Trainer)."""
+    import torch
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    head = (f"{spec['label']} ({spec['arch']}, {spec['scenario']}): one optimizer step, "
+            f"wall {step_s * 1e3:.0f} ms (profiled), GPU kernels {gpu_us / 1e3:.0f} ms "
+            f"({100 * gpu_us / 1e3 / (step_s * 1e3):.0f}% busy)")
+    report = "\n\n".join([head,
+                           events.table(sort_by="self_device_time_total", row_limit=40,
+                                        max_name_column_width=70),
+                           events.table(sort_by="self_cpu_time_total", row_limit=30,
+                                        max_name_column_width=70)])
+    name = f"profile-{spec['arch']}-{spec['scenario']}-{spec['label']}".replace(" ", "_").replace(",", "")
+    out = Path(spec["profile_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.txt").write_text(report)
+    prof.export_chrome_trace(str(out / f"{name}.trace.json"))
+
+
+def write_python_profile(prof, spec: dict) -> None:
+    """cProfile of one optimizer step: the host's Python by function (cumulative, own time)."""
+    import io
+    import pstats
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    name = f"python-{spec['arch']}-{spec['scenario']}-{spec['label']}".replace(" ", "_")
+    (Path(spec["profile_dir"]) / f"{name.replace(',', '')}.txt").write_text(text.getvalue())
 
 
 def versions() -> dict:
@@ -427,10 +483,13 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", default="all",
                         choices=["all", "main", "extra", "medical", "fixed", "micro", "llama",
                                  "graphs",
-                                 "smoke", "cpu-check"])
+                                 "graphs-mistral", "graphs-row", "smoke", "cpu-check"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)       # child process: one row (json)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler over the last optimizer step of each medqlora row "
+                             "(profile-*.txt and a Chrome trace under --out)")
     args = parser.parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(json.loads(args.row), args.budget)), flush=True)
@@ -439,6 +498,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, refs = [], {}
     for spec in suite(args.suite):
+        if args.profile:
+            spec["profile_dir"] = str(out.resolve())
         key = ref_key(spec)
         ref = refs.get(key)
         budget = ref["peak_alloc_gib"] if ref and ref["peak_alloc_gib"] > 0 else None

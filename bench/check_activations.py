@@ -87,8 +87,8 @@ def measure(arch_name: str, rows: int, seq: int) -> dict:
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (rows, seq), generator=gen)
-    batch = {k: v.to(DEVICE) for k, v in collator([{"input_ids": r.tolist(), "labels": r.tolist()}
-                                               for r in ids]).items()}
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in collator(rows).items()}
     step(model, batch, 0)                              # warm-up: kernels compiled, caches made
     out = {"arch": arch_name, "device": torch.cuda.get_device_name() if CUDA else "cpu",
            "rows": rows, "tokens": rows * seq}

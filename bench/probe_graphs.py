@@ -66,8 +66,8 @@ def run(variant: str, arch: str, layers: int | None, dropout_kind: str) -> dict:
         if hasattr(m, "_peft_forward") and not (variant != "eager" and dropout_kind == "seeded"):
             m.dropout_mode = "peft" if dropout_kind == "peft" else "replay"
     ids = torch.randint(3, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
-    batch = {k: v.cuda() for k, v in collator([{"input_ids": r.tolist(), "labels": r.tolist()}
-                                               for r in ids]).items()}
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collator(rows).items()}
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():

@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
             layer.compile()
     ids = torch.randint(3, model.config.vocab_size, (args.rows, SEQ))
-    batch = {k: v.cuda() for k, v in collator([{"input_ids": r.tolist(), "labels": r.tolist()}
-                                               for r in ids]).items()}
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collator(rows).items()}
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -1,4 +1,5 @@
-"""The Trainer callbacks of the train stage: curves, step clock, stop at the end, divergence.
+"""The Trainer callbacks of the train stage: curves, step clock, stop at the end, divergence,
+tokens seen.
 
     callbacks = [as_trainer_callback(DivergenceGuard(4.0, 20)), ...]   # medqlora/training.py
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from medqlora.collation import REAL_TOKENS
 
 
 class LiveCallback:
@@ -168,6 +171,45 @@ class DivergenceGuard:
                     f"{self.steps})"))
         if self.above:
             control.should_save = False
+
+
+class TokensSeen:
+    """state.num_input_tokens_seen counted on the host, without a sync every micro-batch.
+
+    transformers' own count (TrainingArguments.include_num_input_tokens_seen) puts each
+    micro-batch's count on the device, gathers it and reads it back: the host waits there for
+    the GPU to finish the micro-batch, and the GPU then waits for the host to launch the next
+    one (Mistral-7B, 1 x 2048-token micro-batches as CUDA graphs: ~13 ms idle a micro-batch;
+    bench/README.md). Here collation.WithTokenCount adds each batch's real token count to the
+    batch as an int; a forward pre-hook on the model takes it off and adds it up when the model
+    trains (not in evaluation); each step end adds the step's tokens, summed over processes, to
+    the state that checkpoints save and a resume continues from.
+    """
+
+    def __init__(self, model):
+        self.pending = 0
+        self.handle = model.register_forward_pre_hook(self._take, with_kwargs=True)
+
+    def _take(self, module, args, kwargs):
+        tokens = kwargs.pop(REAL_TOKENS, None)
+        if tokens is not None and module.training and torch.is_grad_enabled():
+            self.pending += tokens
+        return args, kwargs
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.num_input_tokens_seen += _summed_over_processes(self.pending)
+        self.pending = 0
+
+
+def _summed_over_processes(value: int) -> int:
+    """`value` summed over the processes of a distributed run (itself in a single process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def as_trainer_callback(obj):

@@ -2,7 +2,8 @@
 
     collator = Collator(tokenizer.pad_token_id)     # medqlora/training.py hands it to the Trainer
 
-The fast path (medqlora/fastpath.py, train.fast_path.padding_free) wraps it.
+The fast path (medqlora/fastpath.py, train.fast_path.padding_free) wraps it; the train stage
+wraps the result in WithTokenCount (callbacks.TokensSeen counts the tokens trained on).
 """
 from __future__ import annotations
 
@@ -41,3 +42,28 @@ class Collator:
             else:
                 batch["attention_mask"].append([1] * size + [0] * pad)
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+REAL_TOKENS = "medqlora_real_tokens"   # the batch key WithTokenCount adds
+
+
+@dataclass
+class WithTokenCount:
+    """Wraps a collator: each batch also carries its real (non-padding) token count, counted
+    from the rows on the host, as a plain int under REAL_TOKENS.
+
+    The Trainer moves a batch's tensors to the device and passes other values through;
+    callbacks.TokensSeen takes the count off before the model sees the batch. Attributes of
+    the wrapped collator (PaddingFree.efficiency) read through.
+    """
+    inner: Any
+
+    def __call__(self, rows: list[dict[str, Any]], *args, **kwargs) -> dict[str, Any]:
+        batch = self.inner(rows, *args, **kwargs)
+        batch[REAL_TOKENS] = sum(len(row["input_ids"]) for row in rows)
+        return batch
+
+    def __getattr__(self, name: str):
+        if name == "inner":            # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)

@@ -30,8 +30,8 @@ import torch
 
 from medqlora import adapter_io, checkpoints, fastpath, launch, modeling, preflight, run_context
 from medqlora.callbacks import (DivergenceGuard, Diverged, LiveCallback, NothingLeftToTrain,
-                                StepClock, StopAtEnd, as_trainer_callback)
-from medqlora.collation import Collator
+                                StepClock, StopAtEnd, TokensSeen, as_trainer_callback)
+from medqlora.collation import Collator, WithTokenCount
 from medqlora.config import Params
 from medqlora.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.planning import Plan, make_plan
@@ -134,12 +134,38 @@ def training_args(params: Params, ctx: RunContext, plan: Plan, run_dir: Path, fr
         # so this survives a resume; it needs saves to land on evaluation steps.
         load_best_model_at_end=early and t.save_steps % t.eval_steps == 0,
         seed=params.seed, data_seed=params.seed,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # counted on the host instead: host_counts
         remove_unused_columns=False, report_to="none", disable_tqdm=True,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN: DivergenceGuard stops it
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every LoRA weight gets a grad
     )
+
+
+def host_counts(model, collator):
+    """What the Trainer counts after every micro-batch, counted without making the GPU wait:
+    returns (collator, TokensSeen callback).
+
+    - Tokens seen: see callbacks.TokensSeen (transformers' count syncs host and GPU).
+    - FLOPs (state.total_flos): the Trainer asks num_parameters(exclude_embeddings=True) of the
+      model (transformers >= 5.2x directly, earlier through model.floating_point_ops), which
+      walks every module and parameter anew: ~10 ms of host time a micro-batch on a 7B model.
+      The count cannot change while training, so that question is answered once.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "num_parameters"):
+        counted, cache = inner.num_parameters, {}
+
+        def num_parameters(only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+            if only_trainable or not exclude_embeddings:
+                return counted(only_trainable=only_trainable,
+                               exclude_embeddings=exclude_embeddings)
+            if "count" not in cache:
+                cache["count"] = counted(exclude_embeddings=True)
+            return cache["count"]
+
+        model.num_parameters = inner.num_parameters = num_parameters
+    return WithTokenCount(collator), TokensSeen(model)
 
 
 def trainer_callbacks(params: Params, ctx: RunContext, live_dir: Path | None):
@@ -203,6 +229,8 @@ def fit(params: Params, ctx: RunContext, tokenizer, data, run_dir: Path,
     # by default, on CPU; ctx.fast_path says which switches apply.
     model, collator, args = fastpath.apply(model, params, args, Collator(tokenizer.pad_token_id),
                                            plan=ctx.fast_path)
+    collator, tokens = host_counts(model, collator)
+    callbacks.append(as_trainer_callback(tokens))
     ctx = ctx.with_attention(model)
     log.info("run: %s", json.dumps(ctx.as_dict(), sort_keys=True))
     trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,8 +31,8 @@ import yaml
 
 from conftest import ROOT, set_key
 from medqlora import checkpoints, modeling, planning, run_context, training
-from medqlora.callbacks import DivergenceGuard, Diverged
-from medqlora.collation import Collator
+from medqlora.callbacks import DivergenceGuard, Diverged, TokensSeen
+from medqlora.collation import REAL_TOKENS, Collator, WithTokenCount
 from medqlora.config import build_params, validate_document
 from medqlora.outputs import sha256_tree
 from medqlora.provenance import write_meta
@@ -197,6 +198,56 @@ def test_collator_pads_labels_and_packed_positions():
     assert packed["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
     assert packed["labels"].tolist()[1] == [9, 9, -100, -100]
     assert "attention_mask" not in packed
+
+
+def test_tokens_seen_are_counted_on_the_host_from_what_trained():
+    # transformers' own count reads a device tensor back every micro-batch (a host sync);
+    # here the collator counts real tokens on the host and a pre-hook adds up training ones
+    collate = WithTokenCount(Collator(pad_token_id=3))
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                     {"input_ids": [8], "labels": [8]}])
+    assert batch[REAL_TOKENS] == 4 and batch["input_ids"].numel() == 6   # padding not counted
+    assert WithTokenCount(types.SimpleNamespace(efficiency=0.75)).efficiency == 0.75
+
+    class Model(torch.nn.Module):              # takes no REAL_TOKENS kwarg: the hook removes it
+        def forward(self, input_ids, **kwargs):
+            assert not kwargs
+            return input_ids.sum()
+
+    model = Model()
+    seen = TokensSeen(model)
+    model.train()
+    model(**batch)
+    model(**batch)
+    with torch.no_grad():
+        model(**batch)                          # no gradient: not trained on
+    model.eval()
+    model(**batch)                              # evaluation: not counted
+    state = types.SimpleNamespace(num_input_tokens_seen=100)   # e.g. resumed at 100
+    seen.on_step_end(None, state, None)
+    assert state.num_input_tokens_seen == 108 and seen.pending == 0
+    seen.on_step_end(None, state, None)
+    assert state.num_input_tokens_seen == 108
+
+
+@pytest.mark.slow
+def test_the_trainers_parameter_count_is_taken_once(tiny_model, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    expected = model.num_parameters(exclude_embeddings=True)
+    assert expected == sum(p.numel() for n, p in model.named_parameters()
+                           if "embed_tokens" not in n)
+    walks = []
+    counted = type(model).num_parameters
+    monkeypatch.setattr(type(model), "num_parameters",
+                        lambda self, **kw: walks.append(kw) or counted(self, **kw))
+    training.host_counts(model, Collator(pad_token_id=0))
+    # what the Trainer asks after every micro-batch (state.total_flos)
+    assert [model.num_parameters(exclude_embeddings=True) for _ in range(3)] == [expected] * 3
+    assert walks == [{"exclude_embeddings": True}]          # walked once
+    assert model.num_parameters(only_trainable=True) == expected + sum(   # other questions:
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" in n)   # asked anew
+    assert len(walks) == 2
 
 
 def test_fingerprint_changes_with_weight_shaping_params_only():
@@ -383,8 +434,12 @@ def test_short_run_learns_and_writes_a_safetensors_only_adapter(short_run, base,
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
     assert metrics["eval_loss"] < metrics["eval_loss_start"] - 0.05
-    assert metrics["tokens_seen"] > 0 and metrics["trainable_params"] == 2 * (
-        4 * 16 * 128 + 3 * 16 * 192)
+    # 1.5 epochs of 26 rows, batch 4: every row once, then the first 4 micro-batches (16 rows)
+    # of the second epoch's shuffle; real tokens only (no padding)
+    lengths = sorted(pq.read_table(data / "train.parquet").column("length").to_pylist())
+    assert sum(lengths) + sum(lengths[:16]) <= metrics["tokens_seen"] <= \
+        sum(lengths) + sum(lengths[-16:])
+    assert metrics["trainable_params"] == 2 * (4 * 16 * 128 + 3 * 16 * 192)
 
     files = sorted(p.name for p in paths["adapter"].iterdir())
     assert {"adapter_config.json", "adapter_model.safetensors", "meta.json",
@@ -480,6 +535,7 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, 
     assert resumed["resumed_from_step"] == 3
     assert not list((out / "ckpt").glob("*/checkpoint-3"))
     assert resumed["global_step"] == metrics["global_step"] == 6
+    assert resumed["tokens_seen"] == metrics["tokens_seen"]   # checkpoint-3's count, continued
     # Observed bitwise equal on CPU (RNG, optimizer, scheduler and data order all restored);
     # the tolerance allows for a different BLAS thread split on another machine.
     assert resumed["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-4)
