@@ -200,6 +200,7 @@ def test_collator_pads_labels_and_packed_positions():
     assert "attention_mask" not in packed
 
 
+@pytest.mark.slow    # runs a (one-line) torch module
 def test_tokens_seen_are_counted_on_the_host_from_what_trained():
     # transformers' own count reads a device tensor back every micro-batch (a host sync);
     # here the collator counts real tokens on the host and a pre-hook adds up training ones
