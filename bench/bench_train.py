@@ -119,7 +119,7 @@ def suite(name: str) -> list[dict]:
                 row("parity fast", seq=256, warmup=0, steps=3, dropout=0.0, layers=2)]
     return {"llama": llama_pair, "main": main + ablations[:5] + parity,
             "extra": main + extra + ablations[5:],
-            "medical": medical[:2] + parity_medical,
+            "medical": medical[:2] + parity_medical, "medical-speed": medical[:2],
             "fixed": main + llama_pair,
             "micro": [main[0], one_row],
             "graphs": graphs, "graphs-mistral": graphs[:2], "graphs-row": graphs[1:2],
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", default="all",
                         choices=["all", "main", "extra", "medical", "fixed", "micro", "llama",
                                  "graphs",
-                                 "graphs-mistral", "graphs-row", "smoke", "cpu-check"])
+                                 "graphs-mistral", "graphs-row", "medical-speed", "smoke", "cpu-check"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)       # child process: one row (json)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)

@@ -196,8 +196,8 @@ def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allo
 
     fixed = allocated now (4-bit weights + adapter) + 3 x fp32 adapter (grads, Adam m, v)
           + layers x tokens x hidden x 2 (bf16 checkpoints)
-          + working space (loss chunks, gradient buffers, allocator slack: 0.5 GiB + 8 bytes a
-            token-hidden value)
+          + working space: 8 bytes a token-hidden value (gradient buffers, loss chunks) + the
+            larger of 0.5 GiB (allocator slack) and one MLP's backward (mlp_backward_bytes)
     peak  = fixed + max(k x (a kept layer - its checkpoint), one recomputed layer):
     the kept layers are the last ones, so backward frees them before it recomputes any other.
     `graphs` (the kept layers are one CUDA graph, medqlora/graphs.py): the graph also holds
@@ -214,7 +214,8 @@ def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allo
                                         keeps_dropout_copies(dropout, fused_lora, True),
                                         fused_lora)
     checkpoint = tokens * arch.hidden * 2
-    working = GIB // 2 + 8 * tokens * arch.hidden
+    working = max(GIB // 2, mlp_backward_bytes(arch, tokens, dropout, fused_lora)) \
+        + 8 * tokens * arch.hidden
     fixed = allocated + 3 * 4 * trainable + arch.layers * checkpoint + working
     if graphs:
         fixed += 4 * tokens * arch.hidden * 2
@@ -226,6 +227,22 @@ def layers_within_budget(budget_gib: float | None, arch: Arch, tokens: int, allo
     if spare < recomputed:
         return 0
     return min(arch.layers, int(spare // (kept - checkpoint)))
+
+
+def mlp_backward_bytes(arch: Arch, tokens: int, dropout: bool, fused_lora: bool) -> int:
+    """What one kept layer's MLP allocates during its backward, on top of what it keeps: the
+    gradients of the SwiGLU product, gate and up (3 intermediate bf16 values a token) and the
+    dequantised down_proj weight; with fused_lora, down_proj's LoRA input rebuilt from gate
+    and up (1 more) and, with dropout, its dropped copy and mask redrawn (3 bytes).
+
+    The largest transient of a layer's backward, and at 8,192 tokens larger than the budget's
+    0.5 GiB floor: Mistral-7B, medical rows (4 x 2,048 packed tokens), budget 14.24 GiB: the
+    floor alone allowed 6 kept layers and peaked at 14.60 GiB (H200, bench/README.md); with
+    this term the same model predicts 14.78 for 6 (and 12.78 for 3 layers of the older
+    path, measured 12.59).
+    """
+    per_token = 2 * 3 + (2 if fused_lora else 0) + (3 if fused_lora and dropout else 0)
+    return tokens * arch.intermediate * per_token + arch.hidden * arch.intermediate * 2
 
 
 def layer_working_bytes(arch: Arch, setup: Setup) -> int:

@@ -265,6 +265,16 @@ def test_checkpoint_budget_arithmetic():
     all_graphed = graph_fixed - copies + 32 * (graph_kept - checkpoint)   # none recomputed
     assert fits(all_graphed, graphs=True) == 32
     assert fits(all_graphed - 1, graphs=True) < 32
+    # At 8,192 tokens one MLP's backward (3 intermediate gradients, the rebuilt down_proj
+    # input, its dropped copy and mask, the dequantised weight) outgrows the 0.5 GiB floor
+    mlp = memory.mlp_backward_bytes(arch, 8192, dropout=True, fused_lora=True)
+    assert mlp == 8192 * 14336 * 11 + 4096 * 14336 * 2 > gib // 2
+    assert memory.mlp_backward_bytes(arch, 2048, True, True) < gib // 2   # the floor holds
+    kept8k = memory.layer_activation_bytes(arch, 8192, False, swiglu_recomputed=True)
+    fixed8k = allocated + 12 * trainable + 32 * 8192 * 4096 * 2 + mlp + 8 * 8192 * 4096
+    room = fixed8k + 5.5 * (kept8k - 8192 * 4096 * 2)
+    assert memory.layers_within_budget(room / gib, arch, 8192, allocated, trainable, True,
+                                       True) == 5
     assert memory.layers_within_budget(None, arch, 2048, allocated, trainable, True, True) == 0
     assert memory.layers_within_budget(1000.0, arch, 2048, allocated, trainable, True,
                                        True) == 32
