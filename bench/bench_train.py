@@ -122,7 +122,7 @@ def suite(name: str) -> list[dict]:
             "medical": medical[:2] + parity_medical, "medical-speed": medical[:2],
             "fixed": main + llama_pair,
             "micro": [main[0], one_row],
-            "graphs": graphs, "graphs-mistral": graphs[:2], "graphs-row": graphs[1:2],
+            "graphs": graphs, "graphs-mistral": graphs[:2],
             "all": main + [one_row] + extra + ablations + parity + parity_medical}[name]
 
 
@@ -371,7 +371,7 @@ def write_profile(prof, spec: dict, step_s: float) -> None:
                                         max_name_column_width=70),
                            events.table(sort_by="self_cpu_time_total", row_limit=30,
                                         max_name_column_width=70)])
-    name = f"profile-{spec['arch']}-{spec['scenario']}-{spec['label']}".replace(" ", "_").replace(",", "")
+    name = profile_name("profile", spec)
     out = Path(spec["profile_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.txt").write_text(report)
@@ -386,8 +386,13 @@ def write_python_profile(prof, spec: dict) -> None:
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("cumulative").print_stats(60)
     stats.sort_stats("tottime").print_stats(40)
-    name = f"python-{spec['arch']}-{spec['scenario']}-{spec['label']}".replace(" ", "_")
-    (Path(spec["profile_dir"]) / f"{name.replace(',', '')}.txt").write_text(text.getvalue())
+    (Path(spec["profile_dir"]) / f"{profile_name('python', spec)}.txt").write_text(text.getvalue())
+
+
+def profile_name(kind: str, spec: dict) -> str:
+    """File stem for a row's profile: kind-arch-scenario-label, no spaces or commas."""
+    return f"{kind}-{spec['arch']}-{spec['scenario']}-{spec['label']}".replace(
+        " ", "_").replace(",", "")
 
 
 def versions() -> dict:
@@ -481,15 +486,16 @@ def ref_key(spec: dict) -> tuple:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="all",
-                        choices=["all", "main", "extra", "medical", "fixed", "micro", "llama",
-                                 "graphs",
-                                 "graphs-mistral", "graphs-row", "medical-speed", "smoke", "cpu-check"])
+                        choices=["all", "main", "extra", "medical", "medical-speed", "fixed",
+                                 "micro", "llama", "graphs", "graphs-mistral", "smoke",
+                                 "cpu-check"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)       # child process: one row (json)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler over the last optimizer step of each medqlora row "
-                             "(profile-*.txt and a Chrome trace under --out)")
+                        help="each medqlora row: cProfile of its next-to-last optimizer step "
+                             "(python-*.txt), torch.profiler of its last (profile-*.txt and a "
+                             "Chrome trace) under --out; those steps run slower")
     args = parser.parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(json.loads(args.row), args.budget)), flush=True)

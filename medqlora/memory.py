@@ -236,10 +236,10 @@ def mlp_backward_bytes(arch: Arch, tokens: int, dropout: bool, fused_lora: bool)
     and up (1 more) and, with dropout, its dropped copy and mask redrawn (3 bytes).
 
     The largest transient of a layer's backward, and at 8,192 tokens larger than the budget's
-    0.5 GiB floor: Mistral-7B, medical rows (4 x 2,048 packed tokens), budget 14.24 GiB: the
-    floor alone allowed 6 kept layers and peaked at 14.60 GiB (H200, bench/README.md); with
-    this term the same model predicts 14.78 for 6 (and 12.78 for 3 layers of the older
-    path, measured 12.59).
+    0.5 GiB floor. Mistral-7B, medical rows (4 x 2,048 packed tokens), budget 14.24 GiB: the
+    floor alone allowed 6 kept layers, which peaked at 14.60 GiB (H200, bench/README.md).
+    With this term (and the allocation computed from the shapes) the model predicts 14.78 GiB
+    for those 6 layers, and 12.78 for the 3 layers of the older path (measured 12.59).
     """
     per_token = 2 * 3 + (2 if fused_lora else 0) + (3 if fused_lora and dropout else 0)
     return tokens * arch.intermediate * per_token + arch.hidden * arch.intermediate * 2

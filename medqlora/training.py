@@ -148,9 +148,9 @@ def host_counts(model, collator):
 
     - Tokens seen: see callbacks.TokensSeen (transformers' count syncs host and GPU).
     - FLOPs (state.total_flos): the Trainer asks num_parameters(exclude_embeddings=True) of the
-      model (transformers >= 5.2x directly, earlier through model.floating_point_ops), which
-      walks every module and parameter anew: ~10 ms of host time a micro-batch on a 7B model.
-      The count cannot change while training, so that question is answered once.
+      model (transformers 5.24 directly, 5.17 through model.floating_point_ops), which walks
+      every module and parameter anew: ~10 ms of host time a micro-batch on a 7B model. The
+      count cannot change while training, so that question is answered once.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(inner, "num_parameters"):
