@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import FAST, build_base, medqlora_path  # noqa: E402
-from medqlora import memory  # noqa: E402
+from medqlora import lora_branch, memory  # noqa: E402
 
 LAYERS, DROPOUT = 2, 0.05
 CUDA = torch.cuda.is_available()
@@ -94,9 +94,7 @@ def measure(arch_name: str, rows: int, seq: int) -> dict:
            "rows": rows, "tokens": rows * seq}
     arch = memory.Arch.from_config(model.config.to_dict())
     for name, mode in (("replayed", "replay"), ("peft dropout", "peft")):
-        for module in model.modules():
-            if hasattr(module, "_peft_forward"):      # fastpath.fuse_lora's branch
-                module.dropout_mode = mode
+        lora_branch.set_dropout_mode(model, mode)
         counter = LayerBytes(layers)
         loss, grads, _ = step(model, batch, 1234, counter)
         counter.remove()

@@ -52,7 +52,7 @@ def kernel_check() -> dict:
 
 
 def run(variant: str, arch: str, layers: int | None, dropout_kind: str) -> dict:
-    from medqlora import fastpath, graphs
+    from medqlora import fastpath, graphs, lora_branch
     if variant == "kernel":
         return kernel_check()
     dropout = 0.0 if variant == "check" else 0.05
@@ -62,9 +62,8 @@ def run(variant: str, arch: str, layers: int | None, dropout_kind: str) -> dict:
     model.train()
     stack = fastpath.decoder_layers(model)
     state = graphs.capture_layers(stack, 0) if variant != "eager" else None
-    for m in model.modules():
-        if hasattr(m, "_peft_forward") and not (variant != "eager" and dropout_kind == "seeded"):
-            m.dropout_mode = "peft" if dropout_kind == "peft" else "replay"
+    if not (variant != "eager" and dropout_kind == "seeded"):   # graphed layers: seeded
+        lora_branch.set_dropout_mode(model, "peft" if dropout_kind == "peft" else "replay")
     ids = torch.randint(3, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
     rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collator(rows).items()}

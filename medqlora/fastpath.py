@@ -266,10 +266,7 @@ def replay_where_kept(model) -> int:
     count = 0
     for layer in decoder_layers(model):
         kept = not layer.gradient_checkpointing
-        for module in layer.modules():
-            if hasattr(module, "_peft_forward"):
-                module.dropout_mode = "replay" if kept else "peft"
-                count += kept
+        count += lora_branch.set_dropout_mode(layer, "replay" if kept else "peft") * kept
     return count
 
 

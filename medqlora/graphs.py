@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from medqlora import lora_branch
+
 log = logging.getLogger(__name__)
 # what the model loop passes to every layer that the body does not read: positions (the
 # attention takes them from position_embeddings) and the loss's settings; any other kwarg
@@ -176,14 +178,13 @@ def capture_layers(layers: list, first: int) -> GraphedBody | None:
     state = GraphedBody(body_layers, [layer.forward for layer in body_layers])
     for index, layer in enumerate(body_layers):
         layer.gradient_checkpointing = False
-        for module in layer.modules():
-            if hasattr(module, "_peft_forward"):     # fastpath.fuse_lora's fused branch
-                module.dropout_mode = "seeded"
+        lora_branch.set_dropout_mode(layer, "seeded")
         own = state.forwards[index]
         if index == 0:
             layer.forward = lambda hidden_states, *a, _own=own, _layer=layer, **k: \
                 state.enter(_own, _layer, hidden_states, *a, **k)
         else:
-            layer.forward = lambda hidden_states, *a, _own=own, _last=index == len(body_layers) - 1, **k: \
+            last = index == len(body_layers) - 1
+            layer.forward = lambda hidden_states, *a, _own=own, _last=last, **k: \
                 state.follow(_own, _last, hidden_states, *a, **k)
     return state

@@ -108,6 +108,24 @@ class _DroppedA(torch.autograd.Function):
             bool(ctx.recompute)
 
 
+DROPOUT_MODES = ("replay", "seeded", "peft")
+
+
+def set_dropout_mode(root: torch.nn.Module, mode: str) -> int:
+    """How the fused LoRA branches under `root` (the projections fastpath.fuse_lora patched,
+    which carry `_peft_forward`) drop their input: "replay" (dropped_linear), "seeded"
+    (seeded_dropped_linear, which a CUDA graph can hold) or "peft" (peft's dropout, its copies
+    kept). Returns how many branches were set."""
+    if mode not in DROPOUT_MODES:
+        raise ValueError(f"dropout mode {mode!r}: expected one of {DROPOUT_MODES}")
+    count = 0
+    for module in root.modules():
+        if hasattr(module, "_peft_forward"):
+            module.dropout_mode = mode
+            count += 1
+    return count
+
+
 def _check_p(p: float, name: str) -> None:
     if not 0 < p < 1:
         raise ValueError(f"{name}: dropout p must be in (0, 1), got {p}")
@@ -165,34 +183,29 @@ def _torch_seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torc
     return torch.where(keep, t * (1 / (1 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-_TRITON_KERNEL = None
-
-
+@functools.cache
 def _triton_kernel():
     """The Triton version of _torch_seeded_dropout, built on first use (CUDA only)."""
-    global _TRITON_KERNEL
-    if _TRITON_KERNEL is None:
-        import triton
-        import triton.language as tl
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def kernel(x_ptr, out_ptr, seed_ptr, numel, threshold, scale, BLOCK: tl.constexpr):
-            offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            inside = offsets < numel
-            seed = tl.load(seed_ptr).to(tl.uint32)
-            h = offsets.to(tl.uint32) + seed * 0x61C88647
-            h = h ^ (h >> 16)
-            h = h * 0x7FEB352D
-            h = h ^ (h >> 15)
-            h = h * 0x5BD1E995
-            h = h ^ (h >> 16)
-            keep = (h >> 8) >= threshold
-            x = tl.load(x_ptr + offsets, mask=inside)
-            y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
-            tl.store(out_ptr + offsets, y.to(x.dtype), mask=inside)
+    @triton.jit
+    def kernel(x_ptr, out_ptr, seed_ptr, numel, threshold, scale, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        h = offsets.to(tl.uint32) + seed * 0x61C88647
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x5BD1E995
+        h = h ^ (h >> 16)
+        keep = (h >> 8) >= threshold
+        x = tl.load(x_ptr + offsets, mask=inside)
+        y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+        tl.store(out_ptr + offsets, y.to(x.dtype), mask=inside)
 
-        _TRITON_KERNEL = kernel
-    return _TRITON_KERNEL
+    return kernel
 
 
 def seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:

@@ -316,7 +316,7 @@ def train_metrics(attempt: Attempt) -> dict:
     trainable, total = modeling.trainable_parameters(trainer.model)
     tokens = int(state.num_input_tokens_seen)
     graphed = getattr(trainer.model, "medqlora_graphs", None)   # train.fast_path.cuda_graphs
-    pools = graphed is not None and graphed.replays > 0
+    peak = peak_memory_gib(device, graph_pools=graphed is not None and graphed.replays > 0)
     return {
         "train_loss": losses[-1] if losses else None,
         "eval_loss": final_eval,
@@ -332,9 +332,9 @@ def train_metrics(attempt: Attempt) -> dict:
         # real tokens / positions computed, over the micro-batches the fast path's collator
         # made (training and validation); None when the plain collator ran
         "packing_efficiency": getattr(trainer.data_collator, "efficiency", None),
-        "peak_memory_gib": peak_memory_gib(device, pools),
+        "peak_memory_gib": peak,
         # every process's peak, rank order (collective: all ranks compute metrics)
-        "peak_memory_gib_per_process": launch.gather(peak_memory_gib(device, pools)),
+        "peak_memory_gib_per_process": launch.gather(peak),
         # layers graphed, micro-batches replayed / run eagerly (None: cuda_graphs off)
         "cuda_graphs": graphed.summary() if graphed else None,
         "trainable_params": trainable,

@@ -200,6 +200,16 @@ def test_graph_gradients_accumulate_as_a_sum():
     assert owned.grad.data_ptr() != static.data_ptr()
 
 
+def test_dropout_mode_is_set_on_the_fused_branches_only():
+    from medqlora import lora_branch
+    root = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    root[1]._peft_forward = root[1].forward        # what fastpath.fuse_lora marks
+    assert lora_branch.set_dropout_mode(root, "seeded") == 1
+    assert root[1].dropout_mode == "seeded" and not hasattr(root[0], "dropout_mode")
+    with pytest.raises(ValueError, match="dropout mode 'replayed'"):
+        lora_branch.set_dropout_mode(root, "replayed")
+
+
 def test_packed_rows_padded_to_one_shape_with_boundaries():
     # prepare's packed rows (position ids restart per example) of 5 and 3 real tokens, padded
     # to max_seq_length 6: every micro-batch is (2, 6); the padding is its own "example".
