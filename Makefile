@@ -29,8 +29,8 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # dvc-ssh does not check SSH host keys: a .pth in the venv makes every dvc check known_hosts.
-$(SSH_HOOK): $(STAMP) medqlora/ssh_known_hosts.py
-	$(BIN)/python -m medqlora.ssh_known_hosts install
+$(SSH_HOOK): $(STAMP) medqlora/core/ssh_known_hosts.py
+	$(BIN)/python -m medqlora.core.ssh_known_hosts install
 	touch $(SSH_HOOK)
 
 validate: setup
@@ -58,7 +58,7 @@ data: setup
 model: setup
 	$(BIN)/python scripts/make_tiny_model.py
 
-# Regenerate medqlora/settings.py (the typed params) after editing schema/params.schema.json;
+# Regenerate medqlora/core/settings.py (the typed params) after editing schema/params.schema.json;
 # tests/test_config_schema.py fails until the two agree.
 settings: setup
 	$(BIN)/python scripts/make_settings.py

@@ -3,7 +3,7 @@
     python bench/bench_benchmark.py --adapter models/adapter                  # 1,273 items
     python bench/bench_benchmark.py --adapter models/adapter --batch-size 32 --num-fewshot 0
 
-Runs what `stages/benchmark.py` runs (medqlora.benchmarks: the adapter's 4-bit base as train
+Runs what `stages/benchmark.py` runs (medqlora.evaluate.benchmarks: the adapter's 4-bit base as train
 loaded it, LoRA attached, lm-evaluation-harness `medqa_4options` through `simple_evaluate`) on
 synthetic MedQA items in the public layout (scripts/make_benchmark_samples.py: ~120-word
 vignettes with 4 options, about the public test set's mean length; no real items are needed
@@ -25,8 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from make_benchmark_samples import write_samples  # noqa: E402
 
-from medqlora import benchmarks as bm  # noqa: E402
-from medqlora.config import BenchmarkParams  # noqa: E402
+from medqlora.core.config import BenchmarkParams  # noqa: E402
+from medqlora.evaluate import benchmarks as bm
 
 
 def time_medqa(adapter: str | Path, items: int = 1273, batch_size: int | str = 16,

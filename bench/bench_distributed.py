@@ -7,7 +7,7 @@
                                               # then resumed (tiny random Llama, 2 GPUs)
     python bench/bench_distributed.py --part cpu-check   # the driver on a CPU, tiny model
 
-Each row runs `python stages/train.py` with runner.distributed set (medqlora/launch.py ->
+Each row runs `python stages/train.py` with runner.distributed set (medqlora/train/launch.py ->
 accelerate launch), i.e. exactly what `dvc repro train` runs. The base is random-init from the
 real config, saved once in bf16 safetensors (no download) and loaded by the stage through
 bitsandbytes NF4 like any checkpoint; the data are random token rows of exactly `seq` tokens
@@ -178,11 +178,11 @@ def resume_check(work: Path, timeout: int, gpus: int = 2) -> dict:
     """FSDP-QLoRA resume: SIGKILL the stage after a sharded checkpoint, run it again.
 
     Tiny random Llama, 4-bit with bf16 storage, 40 steps saved every 5. Run A is undisturbed;
-    run B is killed once checkpoint-10 is complete (medqlora.checkpoints.problem is None), then
+    run B is killed once checkpoint-10 is complete (medqlora.train.checkpoints.problem is None), then
     the same command runs again and must resume from it and end at the same step.
     """
     from safetensors.torch import load_file
-    from medqlora import checkpoints
+    from medqlora.train import checkpoints
     spec = row("fsdp-qlora resume", "tiny", gpus, "fsdp", seq=256, warmup=0, steps=40,
                fast="off", train=dict(save_steps=5, save_total_limit=2, logging_steps=5),
                bnb_4bit_quant_storage="bfloat16")

@@ -69,8 +69,9 @@ def main() -> None:
     from llama_cpp import Llama
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from medqlora import export, generation
-    from medqlora.templates import format_prompt
+    from medqlora.ship import export
+    from medqlora.evaluate import generation
+    from medqlora.data.templates import format_prompt
     package = Path(args.package)
     served, tokenizer = generation.load_for_generation(package)
     eos = tokenizer.eos_token_id

@@ -14,7 +14,7 @@ kernels, monkey-patches and allocator state never leak into the next.
 (a) reference: peft prepare_model_for_kbit_training + get_peft_model + HF Trainer (adamw_torch,
     bf16, gradient checkpointing), LoRA r=64 alpha=16 dropout=0.05 on all 7 projections,
     batch 4 x accumulation 4, sequence 2048 (4 x 4 x 2048 = 32,768 tokens an optimizer step).
-(b) medqlora: medqlora.training.build_model + training_args + fastpath.apply -- the code path
+(b) medqlora: medqlora.train.training.build_model + training_args + fastpath.apply -- the code path
     the train stage runs -- on the same shapes, with its checkpoint budget set to (a)'s
     measured peak allocated memory. The "1-row micro-batches" row splits each batch of 4 into
     micro-batches of 1 x 2048 (micro_batch_tokens 2048, accumulation 16): the same 32,768
@@ -92,7 +92,7 @@ def suite(name: str) -> list[dict]:
                row("fast - varlen", scenario="medical", varlen_attention=False)]
     llama_pair = [row("reference", arch="llama-3-8b", variant="reference"),
                   row("medqlora fast", arch="llama-3-8b")]
-    # ... and the same as CUDA graphs (medqlora/graphs.py): the launch cost gone
+    # ... and the same as CUDA graphs (medqlora/train/fast/graphs.py): the launch cost gone
     graphed = dict(micro_batch_tokens=2048, cuda_graphs=True, warmup=3)
     graphs = [main[0], row("fast, graphs 1x2048", **graphed),
               llama_pair[0], row("fast, graphs 1x2048", arch="llama-3-8b", **graphed)]
@@ -143,7 +143,7 @@ def make_rows(scenario: str, count: int, seq: int, vocab: int, seed: int = SEED,
               packed: bool = False) -> list[dict]:
     """`count` random-token training rows (labels = inputs: every token trained). packed:
     rows of up to `seq` tokens filled best-fit with examples by prepare's own packer
-    (medqlora.dataset.pack), in a seeded random order."""
+    (medqlora.data.dataset.pack), in a seeded random order."""
     import random
 
     import torch
@@ -155,7 +155,7 @@ def make_rows(scenario: str, count: int, seq: int, vocab: int, seed: int = SEED,
         examples.append({"input_ids": ids, "labels": list(ids), "length": size, "id": f"{i:07d}"})
     if not packed:
         return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
-    from medqlora.dataset import pack
+    from medqlora.data.dataset import pack
     rows = pack(examples, seq)
     random.Random(seed).shuffle(rows)
     assert len(rows) >= count, (len(rows), count)
@@ -223,7 +223,7 @@ def reference(spec: dict, base, out_dir: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import TrainingArguments, set_seed
 
-    from medqlora.collation import Collator
+    from medqlora.train.collation import Collator
     set_seed(SEED)
     model = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(
@@ -240,11 +240,23 @@ def reference(spec: dict, base, out_dir: str):
 
 
 def medqlora_path(spec: dict, base, out_dir: str, budget_gib: float | None):
-    """(b): medqlora.training's own model/args code + fastpath.apply, as the train stage runs."""
+    """(b): medqlora.train.training's own model/args code + fastpath.apply, as the train stage runs."""
     import yaml
     from transformers import set_seed
 
-    from medqlora import collation, config, fastpath, modeling, planning, run_context, training
+    from medqlora.train import collation
+
+    from medqlora.core import config
+
+    from medqlora.train.fast import fastpath
+
+    from medqlora.core import modeling
+
+    from medqlora.train import planning
+
+    from medqlora.train import run_context
+
+    from medqlora.train import training
     doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     doc["seed"] = SEED
     doc["data"]["max_seq_length"] = spec["seq"]

@@ -9,7 +9,7 @@ one forward + backward in bf16 autocast on 1 x 2048 and 4 x 2048 tokens:
 1. Saved-tensor bytes per decoder layer (distinct storages autograd keeps, counted by
    saved_tensors_hooks), with fused_lora's replayed dropout (and down_proj's input rebuilt
    from gate and up) and with peft's dropout in the same fused branch (dropout_mode "peft"),
-   against medqlora.memory.layer_activation_bytes, the model the checkpoint budget plans with.
+   against medqlora.core.memory.layer_activation_bytes, the model the checkpoint budget plans with.
 2. Exactness: from the same generator state both compute the loss and every adapter gradient;
    the max |difference| (0 when the replay draws peft's masks bit for bit).
 3. Forward + backward time of each (2 layers; a relative figure only).
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import FAST, build_base, medqlora_path  # noqa: E402
-from medqlora import lora_branch, memory  # noqa: E402
+from medqlora.core import memory
+from medqlora.train.fast import lora_branch
 
 LAYERS, DROPOUT = 2, 0.05
 CUDA = torch.cuda.is_available()

@@ -2,7 +2,7 @@
 
     python bench/check_attention.py --out $OUT        # ~30 s on an H200
 
-1. Parity: medqlora.attention's varlen path (torch varlen_attn) against transformers' sdpa
+1. Parity: medqlora.train.fast.attention's varlen path (torch varlen_attn) against transformers' sdpa
    attention under the block-diagonal causal mask it builds for packed rows; Mistral-7B heads
    (32 query, 8 key/value, dim 128), bf16, 4 rows x 2048 of medical-length examples (the
    bench's lognormal, median 350). Forward and input gradients, max |diff| vs the scale.
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from medqlora import attention  # noqa: E402
+from medqlora.train.fast import attention
 
 HEADS, KV, DIM, ROWS, SEQ = 32, 8, 128, 4, 2048
 
@@ -35,7 +35,7 @@ HEADS, KV, DIM, ROWS, SEQ = 32, 8, 128, 4, 2048
 def medical_rows(seed: int = 0) -> list[list[int]]:
     """Example lengths packed best-fit into ROWS rows of at most SEQ tokens."""
     from bench.bench_train import lengths_for
-    from medqlora.dataset import pack
+    from medqlora.data.dataset import pack
     lengths = lengths_for("medical", 64, SEQ, seed)
     rows = pack([{"input_ids": [0] * n, "labels": [0] * n, "length": n, "id": f"{i:04d}"}
                  for i, n in enumerate(lengths)], SEQ)

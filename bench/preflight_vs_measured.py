@@ -2,7 +2,7 @@
 
     python bench/preflight_vs_measured.py > bench/preflight_vs_measured.md
 
-Estimates are medqlora.memory's peak *allocated* bytes (its CUDA-context constant left out),
+Estimates are medqlora.core.memory's peak *allocated* bytes (its CUDA-context constant left out),
 because bench_train.py reports torch.cuda.max_memory_allocated. No GPU needed.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.archs import ARCHS  # noqa: E402  (the configs the GPU rows were measured on)
-from medqlora.memory import (CUDA_CONTEXT_GIB, GIB, Arch, Setup, estimate,  # noqa: E402
+from medqlora.core.memory import (CUDA_CONTEXT_GIB, GIB, Arch, Setup, estimate,  # noqa: E402
                              estimate_evaluate, estimate_merge)
 
 FAST = dict(fast_frozen_bf16=True, fast_kernels=True, fused_ce=True)

@@ -5,7 +5,7 @@
 Mistral-7B (random NF4 weights), the train stage's fast path with checkpoint_policy none,
 micro-batches of one 2048-token row. Each variant runs in its own process:
   eager      every layer eager (launch-bound: bench/README.md)
-  graphs     layers 0..N-1 as one graphed body (medqlora/graphs.py)
+  graphs     layers 0..N-1 as one graphed body (medqlora/train/fast/graphs.py)
   check      dropout 0: the graphed body's loss and adapter gradients against eager ones
 Prints ms a forward + backward, tokens/s, peak allocated and reserved GiB.
 """
@@ -30,7 +30,7 @@ SEQ = 2048
 
 def kernel_check() -> dict:
     """The Triton seeded dropout against lora_branch's torch version of the same hash."""
-    from medqlora import lora_branch
+    from medqlora.train.fast import lora_branch
     x = torch.randn(2048, 14336, device="cuda", dtype=torch.bfloat16)
     seed = torch.randint(0, 2**31 - 1, (1,), device="cuda")
     fast = lora_branch.seeded_dropout(x, seed, 0.05)
@@ -52,7 +52,7 @@ def kernel_check() -> dict:
 
 
 def run(variant: str, arch: str, layers: int | None, dropout_kind: str) -> dict:
-    from medqlora import fastpath, graphs, lora_branch
+    from medqlora.train.fast import fastpath, graphs, lora_branch
     if variant == "kernel":
         return kernel_check()
     dropout = 0.0 if variant == "check" else 0.05

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                                        "/tmp/profile-step", None)
     model.train()
     if args.compile:
-        from medqlora import lora_branch
+        from medqlora.train.fast import lora_branch
         lora_branch.dropped_linear = lambda x, w, p: torch.nn.functional.linear(
             torch.nn.functional.dropout(x, p, True), w)
         for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:

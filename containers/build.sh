@@ -23,7 +23,7 @@ PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python
 export DOCKER_BUILDKIT=0
 DEBIAN_INCLUDE="python3,python3-venv,git,ca-certificates"
 
-image_tag() { "$PY" -m medqlora.runner tag; }
+image_tag() { "$PY" -m medqlora.core.runner tag; }
 
 cmd_tag() { image_tag; }
 

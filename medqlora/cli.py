@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from medqlora.config import ParamsError, load_params, warnings_for
+from medqlora.core.config import ParamsError, load_params, warnings_for
 
 EXIT_INVALID = 2
 
@@ -41,7 +41,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every file of a package against its manifest; name each problem."""
-    from medqlora.manifest import verify
+    from medqlora.ship.manifest import verify
     problems = verify(args.dir)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -54,7 +54,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Answer prompts with a verified package (4-bit base + adapter, or the merged weights)."""
-    from medqlora.generation import generate, read_prompts
+    from medqlora.evaluate.generation import generate, read_prompts
     if _refuse_unverified(args.package):
         return 1
     try:
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _refuse_unverified(package) -> bool:
     """Print every problem of a package that fails `medqlora verify`; True when it does."""
-    from medqlora.manifest import verify
+    from medqlora.ship.manifest import verify
     problems = verify(package)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -85,7 +85,7 @@ def _refuse_unverified(package) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a verified package (a folder, or pulled at a git revision) over the OpenAI API."""
-    from medqlora import serving
+    from medqlora.ship.serve import api as serve_api
     logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = args.package
@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_INVALID
         try:
-            package = serving.pull_package(args.repo, args.rev, args.artifact, args.dest)
+            package = serve_api.pull_package(args.repo, args.rev, args.artifact, args.dest)
         except (OSError, RuntimeError) as err:
             print(err, file=sys.stderr)
             return 1
@@ -105,15 +105,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if _refuse_unverified(package):
         return 1
-    serving.serve(package, host=args.host, port=args.port, merged=args.merged,
-                  name=args.served_model_name, max_batch_size=args.max_batch_size,
-                  batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
+    serve_api.serve(package, host=args.host, port=args.port, merged=args.merged,
+                    name=args.served_model_name, max_batch_size=args.max_batch_size,
+                    batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a verified package for vLLM, llama.cpp (GGUF) and Ollama."""
-    from medqlora import export
+    from medqlora.ship import export
     logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -141,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Estimate train's, evaluate's and merge's peak GPU memory; exit 3 when one won't fit."""
-    from medqlora.preflight import EXIT_WONT_FIT, LaterStages, preflight
+    from medqlora.train.preflight import EXIT_WONT_FIT, LaterStages, preflight
     try:
         params = load_params(args.path)
     except ParamsError as err:

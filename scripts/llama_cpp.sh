@@ -5,7 +5,7 @@
 #
 # The pinned llama-cpp-python sdist (requirements-llama-cpp.txt, hash-checked) vendors llama.cpp
 # at one commit. From that one download:
-#   .cache/llama.cpp/src/vendor/llama.cpp/   llama.cpp's converters and gguf-py (medqlora.export)
+#   .cache/llama.cpp/src/vendor/llama.cpp/   llama.cpp's converters and gguf-py (medqlora.ship.export)
 #   the binding, installed into the venv     llama-cpp-python itself (pip, from the same sdist)
 #   its native library                       built here with CMake, only the targets the binding
 #                                            loads (libllama, libggml*), copied where the

@@ -1,4 +1,4 @@
-"""Write medqlora/settings.py, the typed params, from schema/params.schema.json.
+"""Write medqlora/core/settings.py, the typed params, from schema/params.schema.json.
 
     python scripts/make_settings.py     # or: make settings
 
@@ -7,7 +7,7 @@ script turns each object of the schema into a frozen dataclass: its keys in sche
 annotated with the Python type of its schema node (`annotation`) and documented with its
 schema description. Defaults stay in the schema: config.build_params fills them in before
 building. The schema names no classes, so CLASSES below does; methods the classes carry live
-in the hand-written medqlora/settings_methods.py (METHODS). Stdlib only; deterministic:
+in the hand-written medqlora/core/settings_methods.py (METHODS). Stdlib only; deterministic:
 tests/test_config_schema.py regenerates the text and fails when the committed file differs.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schema" / "params.schema.json"
-OUT = ROOT / "medqlora" / "settings.py"
+OUT = ROOT / "medqlora" / "core" / "settings.py"
 COMMAND = "python scripts/make_settings.py"
 
 # Class name of every schema object with properties, by key path ("" is the whole file,
@@ -39,7 +39,7 @@ CLASSES = {
     "runner": "RunnerParams",
     "runner.distributed": "DistributedParams",
 }
-# Hand-written bases (medqlora/settings_methods.py) for classes that have methods.
+# Hand-written bases (medqlora/core/settings_methods.py) for classes that have methods.
 METHODS = {"Params": "ParamsMethods", "ModelParams": "ModelMethods"}
 # Fields that are not params keys: (name, annotation, description), after the schema's keys.
 EXTRA_FIELDS = {
@@ -167,24 +167,24 @@ HEADER = f'''\
 
 Keys, their order, types and descriptions come from the schema; defaults and bounds stay there
 (config.build_params fills the defaults in before building these). Import them from
-medqlora.config, which loads and validates params.yaml.
+medqlora.core.config, which loads and validates params.yaml.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from medqlora.settings_methods import {", ".join(sorted(METHODS.values()))}
+from medqlora.core.settings_methods import {", ".join(sorted(METHODS.values()))}
 '''
 
 
 def render(schema: dict) -> str:
-    """The text of medqlora/settings.py for `schema`."""
+    """The text of medqlora/core/settings.py for `schema`."""
     return HEADER + "".join(f"\n\n{render_class(*c)}" for c in classes(schema))
 
 
 def main() -> None:
-    """Regenerate medqlora/settings.py from the schema."""
+    """Regenerate medqlora/core/settings.py from the schema."""
     text = render(json.loads(SCHEMA.read_text(encoding="utf-8")))
     OUT.write_text(text, encoding="utf-8")
     print(f"wrote {OUT.relative_to(ROOT)} ({text.count('@dataclass')} classes)")

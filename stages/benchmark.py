@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medqlora import stage  # noqa: E402
+from medqlora.core import stage
 
 
 def main(argv=None) -> int:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks", help="task folder and meta.json")
     parser.add_argument("--metrics", default="metrics/benchmark.json", help="metrics file")
     args, params = stage.start("benchmark", parser, argv)
-    from medqlora.benchmarks import BenchmarkError, benchmark
+    from medqlora.evaluate.benchmarks import BenchmarkError, benchmark
     try:
         benchmark(params, args.adapter, args.data, args.out, args.metrics)
     except BenchmarkError as err:

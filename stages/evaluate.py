@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medqlora import stage  # noqa: E402
+from medqlora.core import stage
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--predictions", default="predictions", help="output folder")
     parser.add_argument("--metrics", default="metrics/evaluate.json", help="metrics file")
     args, params = stage.start("evaluate", parser, argv)
-    from medqlora.evaluation import evaluate  # lazy: torch only after params are valid
+    from medqlora.evaluate.evaluation import evaluate  # lazy: torch only after params are valid
     evaluate(params, args.data, args.adapter, args.predictions, args.metrics)
     return 0
 

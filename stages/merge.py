@@ -1,5 +1,5 @@
 """Merge stage: adapter merged into the weights it was trained against, parity proven
-(see medqlora/merging.py).
+(see medqlora/ship/merging.py).
 
     python stages/merge.py --params params.yaml --data data/prepared --adapter models/adapter \
         --out models/merged --metrics metrics/merge.json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medqlora import stage  # noqa: E402
+from medqlora.core import stage
 
 
 def main(argv=None):
@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--out", default="models/merged", help="merged model folder")
     parser.add_argument("--metrics", default="metrics/merge.json", help="parity metrics file")
     args, params = stage.start("merge", parser, argv)
-    from medqlora.merging import run_merge
+    from medqlora.ship.merging import run_merge
     return run_merge(params, args.data, args.adapter, args.out, args.metrics)
 
 

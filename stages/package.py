@@ -1,5 +1,5 @@
 """Package stage: a checksummed, self-describing deployable bundle with a model card
-(see medqlora/packaging.py, medqlora/manifest.py and medqlora/modelcard.py).
+(see medqlora/ship/packaging.py, medqlora/ship/manifest.py and medqlora/ship/modelcard.py).
 
     python stages/package.py --params params.yaml --adapter models/adapter --merged models/merged \
         --metrics-dir metrics --plots dvclive/train --out artifacts/package
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medqlora import stage  # noqa: E402
+from medqlora.core import stage
 
 
 def main(argv=None):
@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--plots", default="dvclive/train", help="dvclive folder of train")
     parser.add_argument("--out", default="artifacts/package", help="package folder")
     args, params = stage.start("package", parser, argv)
-    from medqlora.packaging import build_package
+    from medqlora.ship.packaging import build_package
     build_package(params, args.adapter, args.merged, args.metrics_dir, args.plots, args.out)
     return 0
 

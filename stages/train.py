@@ -1,4 +1,4 @@
-"""Train stage: QLoRA adapter from the prepared data (see medqlora/training.py).
+"""Train stage: QLoRA adapter from the prepared data (see medqlora/train/training.py).
 
     python stages/train.py --params params.yaml --data data/prepared --out models/adapter \
         --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medqlora import stage  # noqa: E402
+from medqlora.core import stage
 
 
 def main(argv=None):
@@ -21,16 +21,16 @@ def main(argv=None):
                         help="dvclive folder (loss curves); none: no curves (outside DVC)")
     parser.add_argument("--metrics", default="metrics/train.json", help="metrics file")
     args, params = stage.start("train", parser, argv)
-    # --- distributed (medqlora/launch.py): num_processes > 1 re-runs this command under
+    # --- distributed (medqlora/train/launch.py): num_processes > 1 re-runs this command under
     # accelerate launch, here (inside the container when runner.backend is docker) ---
-    from medqlora import launch
+    from medqlora.train import launch
     if launch.needed(params.runner.distributed):
         script_args = sys.argv[1:] if argv is None else list(argv)
         raise SystemExit(launch.relaunch(params, str(Path(__file__).resolve()), script_args))
     launch.one_gpu_unless_launched()  # else the Trainer spreads one process over every GPU
     # --- end distributed ---
-    from medqlora.preflight import EXIT_WONT_FIT, WontFit
-    from medqlora.training import Diverged, run
+    from medqlora.train.preflight import EXIT_WONT_FIT, WontFit
+    from medqlora.train.training import Diverged, run
     live = None if args.live == "none" else args.live
     try:
         run(params, args.data, args.out, args.checkpoints, live, args.metrics)

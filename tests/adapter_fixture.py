@@ -3,7 +3,7 @@
 LoRA's B starts at zero, so an untrained adapter merges to exactly the base and proves nothing;
 `make_adapter` takes a few SGD steps so B·A is non-zero, then writes the folder train writes:
 peft files, tokenizer, and the meta.json train writes (params, precision, base), through the same
-writer (medqlora.provenance.write_meta).
+writer (medqlora.core.provenance.write_meta).
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from medqlora import modeling, training
-from medqlora.config import build_params
-from medqlora.provenance import write_meta
+from medqlora.core import modeling
+from medqlora.core.config import build_params
+from medqlora.core.provenance import write_meta
+from medqlora.train import training
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["### Instruction:\nWhat is anemia?\n\n### Response:\nA low hemoglobin level.",
@@ -55,7 +56,7 @@ def make_adapter(base: str, out: Path, steps: int = 8, lr: float = 0.05, **overr
 
 
 def adapter_meta(out: Path, params, precision, base: str) -> dict:
-    """The adapter's meta.json, through the writer train uses (medqlora.provenance)."""
+    """The adapter's meta.json, through the writer train uses (medqlora.core.provenance)."""
     return write_meta(out, stage="train", params=params.section(*training.SECTIONS), inputs={},
                       extra={"precision": {"device": precision.device,
                                            "compute_dtype": str(precision.compute_dtype)

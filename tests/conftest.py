@@ -5,9 +5,9 @@ Rules enforced here, for every test:
 - a test that builds or runs a torch model (or a fixture it uses does), or uses a pipeline run,
   is marked `slow`: the unmarked tier is `make test-fast`, the edit loop, and runs none
   (`_guard`);
-- the library calls of each stage script (medqlora.training.run, ...) get the params view of
+- the library calls of each stage script (medqlora.train.training.run, ...) get the params view of
   the stage contract, also when a test calls them directly: reading a key that dvc.yaml does
-  not declare for the stage fails the test (medqlora/contract.py).
+  not declare for the stage fails the test (medqlora/core/contract.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from medqlora import contract
+from medqlora.core import contract
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

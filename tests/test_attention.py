@@ -1,4 +1,4 @@
-"""Document-masked attention (medqlora/attention.py) equals sdpa under a block-diagonal mask.
+"""Document-masked attention (medqlora/train/fast/attention.py) equals sdpa under a block-diagonal mask.
 
 The CUDA kernel (torch varlen_attn) is checked against the padded reference by
 bench/bench_train.py's parity rows on a GPU; here the CPU implementation of the same contract,
@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from medqlora import attention
+from medqlora.train.fast import attention
 
 
 def _block_causal(lengths, window=None):

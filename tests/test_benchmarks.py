@@ -1,4 +1,4 @@
-"""Standard benchmarks through lm-evaluation-harness (medqlora/benchmarks.py, stages/benchmark.py).
+"""Standard benchmarks through lm-evaluation-harness (medqlora/evaluate/benchmarks.py, stages/benchmark.py).
 
 The sample files come from scripts/make_benchmark_samples.py (made-up items in each public
 layout). The slow test scores them on the tiny model with the pipeline and with the harness's
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqlora import benchmarks as bm
-from medqlora.config import BenchmarkParams, ParamsError, build_params, load_params
+from medqlora.core.config import BenchmarkParams, ParamsError, build_params, load_params
+from medqlora.evaluate import benchmarks as bm
 from tests.conftest import ROOT, run, write_params
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -205,8 +205,8 @@ def test_no_benchmarks_writes_an_empty_result_without_lm_eval_or_torch(tmp_path)
     (adapter / "meta.json").write_text("{}", encoding="utf-8")
     script = (
         "import sys, json, yaml\n"
-        "from medqlora.config import build_params\n"
-        "from medqlora.benchmarks import benchmark\n"
+        "from medqlora.core.config import build_params\n"
+        "from medqlora.evaluate.benchmarks import benchmark\n"
         f"params = build_params(yaml.safe_load(open({str(ROOT / 'params.yaml')!r})))\n"
         f"r = benchmark(params, {str(adapter)!r}, 'data/benchmarks', 'out', 'benchmark.json')\n"
         "print(json.dumps([r['tasks'], 'torch' in sys.modules, 'lm_eval' in sys.modules]))\n")
@@ -287,7 +287,7 @@ def test_pipeline_numbers_equal_lm_eval_simple_evaluate(samples, tiny_model, tmp
 
 
 def test_model_card_table_states_the_protocol():
-    from medqlora.modelcard import _benchmarks
+    from medqlora.ship.modelcard import _benchmarks
     block = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05}
     text = _benchmarks({"lm_eval_version": "0.4.13", "tasks": {"medqa_4options": {
         "n": 1273, "num_fewshot": 0, "version": "Yaml", "file": "data/benchmarks/medqa/test.jsonl",
@@ -306,7 +306,7 @@ def test_model_card_table_states_the_protocol():
 def test_evaluate_stage_lists_every_evaluate_key_but_the_benchmark_ones():
     # dvc.yaml cannot say "evaluate except benchmarks": the evaluate stage names its keys one
     # by one, so a new evaluate key must be listed there too (else changing it re-runs nothing).
-    from medqlora.config import load_schema
+    from medqlora.core.config import load_schema
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     keys = set(load_schema()["properties"]["evaluate"]["properties"]) - {
         "benchmarks", "benchmark_batch_size"}

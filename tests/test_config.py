@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqlora.config import ParamsError, build_params, load_params, load_schema, validate_document
+from medqlora.core.config import (ParamsError, build_params, load_params, load_schema,
+                                  validate_document)
 from tests.conftest import ROOT, write_params
 
 

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medqlora.config import (MAX_YAML_VALUES, ParamsError, build_params, load_schema,
+from medqlora.core.config import (MAX_YAML_VALUES, ParamsError, build_params, load_schema,
                              read_yaml, validate_document)
 from tests.conftest import ROOT, set_key
 

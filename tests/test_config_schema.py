@@ -1,5 +1,5 @@
-"""Params are declared once: schema/params.schema.json. medqlora/settings.py, the dataclasses
-the stages use (through medqlora.config), is generated from it by scripts/make_settings.py.
+"""Params are declared once: schema/params.schema.json. medqlora/core/settings.py, the dataclasses
+the stages use (through medqlora.core.config), is generated from it by scripts/make_settings.py.
 
 The committed file must be exactly what the generator writes for the committed schema; the
 other tests show that the generator follows the schema (a changed type, a new key) and refuses
@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from medqlora import config, settings
+from medqlora.core import config
+from medqlora.core import settings
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_settings  # noqa: E402  (a script, not a package)
@@ -26,7 +27,7 @@ SCHEMA = config.load_schema()
 def test_settings_py_is_what_the_schema_generates():
     committed = make_settings.OUT.read_text(encoding="utf-8")
     assert committed == make_settings.render(SCHEMA), (
-        "medqlora/settings.py differs from what schema/params.schema.json generates: run "
+        "medqlora/core/settings.py differs from what schema/params.schema.json generates: run "
         f"`{make_settings.COMMAND}` (or `make settings`) and commit the result")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_workspace, run, write_params
-from medqlora import runner
+from medqlora.core import runner
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 LOSS_TOL = 1e-4
@@ -130,7 +130,7 @@ def test_container_runs_as_the_callers_uid(engine, tmp_path, monkeypatch):
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
         (ws / name).write_bytes((runner.ROOT / name).read_bytes())
     params = write_params(tmp_path / "p.yaml", {"runner.backend": "docker", "runner.gpus": "none"})
-    from medqlora.config import load_params
+    from medqlora.core.config import load_params
     rp = load_params(params).runner
     monkeypatch.chdir(ws)
     monkeypatch.setattr(os, "getuid", lambda: 4321)

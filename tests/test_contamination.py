@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from medqlora.metrics import ngrams, overlaps
+from medqlora.data.contamination import ngrams, overlaps
 
 TRAIN = ["The patient has iron deficiency anemia with a low ferritin level today.",
          "Hemoglobin 9.1 g/dL, MCV 70 fL: microcytic anemia."]
@@ -31,14 +31,14 @@ def test_overlaps_share_of_each_items_ngrams_in_train():
 # ---------------------------------------------------------------- prepare: content only
 
 def _example(source, question, answer, kind="qa", options=None, explanation=None):
-    from medqlora.records import Example
+    from medqlora.data.records import Example
     return Example(source=source, kind=kind, messages=[{"role": "user", "content": question}],
                    reference=answer, options=options,
                    extra={"explanation": explanation} if explanation else {})
 
 
 def _data(mode="warn", threshold=0.5):
-    from medqlora.config import DataParams
+    from medqlora.core.config import DataParams
     return DataParams(sources=(), on_invalid="error", max_errors_reported=50, val_fraction=0.1,
                       test_fraction=0.1, max_seq_length=256, overlength="truncate",
                       packing=False, system_prompt="", phi="error", on_contamination=mode,
@@ -46,7 +46,7 @@ def _data(mode="warn", threshold=0.5):
 
 
 def test_content_text_has_no_template_or_answer_scaffold():
-    from medqlora.dataset import content_text
+    from medqlora.data.dataset import content_text
     mcq = _example("mcq.jsonl:3", "Which drug first?", "B", kind="mcq",
                    options={"A": "Aspirin", "B": "Heparin"}, explanation="Heparin acts at once.")
     assert content_text(mcq) == "Which drug first?\nAspirin\nHeparin\nHeparin acts at once."
@@ -69,7 +69,7 @@ def _splits():
 
 
 def test_prepare_reports_held_out_overlap_with_train_content():
-    from medqlora.dataset import contamination_report
+    from medqlora.data.dataset import contamination_report
     report = contamination_report(_splits(), _data(threshold=0.4))
     assert report == {"ngram": 8, "content_only": True, "threshold": 0.4,
                       "val": {"items": 0, "items_with_overlap": 0, "mean_overlap": 0.0,
@@ -79,8 +79,8 @@ def test_prepare_reports_held_out_overlap_with_train_content():
 
 
 def test_on_contamination_error_names_the_items():
-    from medqlora.dataset import contamination_report
-    from medqlora.records import DataError
+    from medqlora.data.dataset import contamination_report
+    from medqlora.data.records import DataError
     with pytest.raises(DataError) as err:
         contamination_report(_splits(), _data("error", threshold=0.4))
     assert err.value.problems[0] == "qa.jsonl:7: test item shares 50% of its 8-grams with train"
@@ -91,7 +91,7 @@ def test_on_contamination_error_names_the_items():
 
 
 def test_model_card_states_the_overlap():
-    from medqlora.modelcard import _contamination
+    from medqlora.ship.modelcard import _contamination
     report = {"ngram": 8, "content_only": True, "threshold": 0.5,
               "test": {"items": 98, "items_with_overlap": 94, "mean_overlap": 0.5,
                        "max_overlap": 0.88, "over_threshold": 49}}

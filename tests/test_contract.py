@@ -6,7 +6,7 @@
   to add to dvc.yaml; so does a dep nothing imports any more.
 - params: every `params.<section>[.<key>]` read in a stage's modules is declared under the
   stage's `params:` (a static check at section/key level); at run time the stage gets the view
-  of medqlora.contract, which raises on any undeclared read (enforced in the tests too: conftest
+  of medqlora.core.contract, which raises on any undeclared read (enforced in the tests too: conftest
   hands the same view to the library calls of the stage scripts).
 
 Touching a module a stage imports re-runs that stage: tests/test_pipeline.py checks it on a
@@ -23,14 +23,14 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from medqlora import contract
-from medqlora.config import SECTIONS, build_params, load_schema
+from medqlora.core import contract
+from medqlora.core.config import SECTIONS, build_params, load_schema
 
 PIPELINE = contract.load_pipeline()
 STAGES = ("prepare", "train", "evaluate", "benchmark", "merge", "package")
 # Modules stage.start runs on the whole params file before it makes the view: validation and
 # warnings (config), and the runner choice: where a stage runs, not what it computes.
-WHOLE_FILE_READERS = {"medqlora/stage.py", "medqlora/config.py"}
+WHOLE_FILE_READERS = {"medqlora/core/stage.py", "medqlora/core/config.py"}
 
 
 def params():
@@ -203,12 +203,12 @@ def test_train_and_package_views():
 
 def test_every_stage_script_hands_params_to_the_library():
     calls = {stage: contract.library_calls(f"stages/{stage}.py") for stage in STAGES}
-    assert calls == {"prepare": [("medqlora.dataset", "run")],
-                     "train": [("medqlora.launch", "relaunch"), ("medqlora.training", "run")],
-                     "evaluate": [("medqlora.evaluation", "evaluate")],
-                     "benchmark": [("medqlora.benchmarks", "benchmark")],
-                     "merge": [("medqlora.merging", "run_merge")],
-                     "package": [("medqlora.packaging", "build_package")]}
+    assert calls == {"prepare": [("medqlora.data.dataset", "run")],
+                     "train": [("medqlora.train.launch", "relaunch"), ("medqlora.train.training", "run")],
+                     "evaluate": [("medqlora.evaluate.evaluation", "evaluate")],
+                     "benchmark": [("medqlora.evaluate.benchmarks", "benchmark")],
+                     "merge": [("medqlora.ship.merging", "run_merge")],
+                     "package": [("medqlora.ship.packaging", "build_package")]}
 
 
 def test_closure_follows_function_level_imports_and_skips_type_checking(tmp_path):

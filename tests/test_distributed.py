@@ -1,7 +1,7 @@
 """Several processes: the generated accelerate launch commands, and a real 2-process run on CPU.
 
 The slow test runs the train stage script with runner.distributed.num_processes 2 through the
-same launcher a GPU host uses (medqlora/launch.py -> accelerate launch -> torch.distributed.run,
+same launcher a GPU host uses (medqlora/train/launch.py -> accelerate launch -> torch.distributed.run,
 gloo on CPU), and compares it with one process at the same effective batch:
 1 process x micro 4 x accumulation 2 == 2 processes x micro 4 x accumulation 1 (keep_effective_batch).
 accelerate gives rank r the micro-batches r, r+2, ... of the same seeded order, so optimizer
@@ -29,8 +29,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run, set_key
-from medqlora import checkpoints, launch
-from medqlora.config import build_params, validate_document
+from medqlora.train import checkpoints
+from medqlora.train import launch
+from medqlora.core.config import build_params, validate_document
 from test_train import make_base, make_prepared
 
 LOSS_RTOL = 1e-4     # float32 on CPU: only the summation order differs (observed ~1e-7)
@@ -146,7 +147,7 @@ def test_validation_names_the_distributed_keys():
 
 def test_total_steps_with_several_processes():
     # 26 rows / 4 = 7 micro-batches; 2 processes take 4 each (the last one padded); / 1 = 4.
-    from medqlora.planning import total_optimizer_steps
+    from medqlora.train.planning import total_optimizer_steps
     assert total_optimizer_steps(26, 4, 1, 1, -1, processes=2) == 4
     assert total_optimizer_steps(26, 4, 2, 1, -1) == 4
     assert total_optimizer_steps(1000, 8, 1, 3, -1, processes=2) == 189  # 125 -> 63 x 3
@@ -238,7 +239,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, inputs):
     """The same training, 1 process (in this process) and 2 processes (through the launcher)."""
-    from medqlora import training
+    from medqlora.train import training
     base, data = inputs
     doc = doc_with(**{"model.base": str(base), **SAME})
     one = _paths(tmp_path_factory.mktemp("one"))
@@ -365,7 +366,7 @@ def test_one_process_is_kept_on_one_gpu():
 def _peft_model(base: Path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-    from medqlora import modeling
+    from medqlora.core import modeling
     params = build_params(doc_with(**{"model.base": str(base), **SAME}))
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
@@ -380,7 +381,7 @@ def _peft_model(base: Path):
 def test_fsdp_adapter_writer_matches_peft_and_loads_back(inputs, tmp_path):
     # Under FSDP the gathered LoRA tensors are written by adapter_io.write_adapter (peft's own
     # key filter drops them all there): its files must be what peft writes, and load back.
-    from medqlora import adapter_io
+    from medqlora.train import adapter_io
     base, _ = inputs
     model = _peft_model(base)
     model.save_pretrained(str(tmp_path / "peft"))
@@ -407,7 +408,7 @@ def test_fsdp_adapter_writer_matches_peft_and_loads_back(inputs, tmp_path):
 @pytest.mark.slow
 def test_an_adapter_without_lora_tensors_is_an_error_not_a_file(inputs, tmp_path):
     # What the FULL_STATE_DICT gather gave on 2 H100s: a file with no tensor in it.
-    from medqlora import adapter_io
+    from medqlora.train import adapter_io
     base, _ = inputs
     model = _peft_model(base)
     trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m))

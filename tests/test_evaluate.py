@@ -11,9 +11,11 @@ import yaml
 
 from adapter_fixture import adapter_meta
 from conftest import ROOT, write_params
-from medqlora import evaluation, generation, modeling
-from medqlora.config import build_params
-from medqlora.templates import format_prompt
+from medqlora.evaluate import evaluation
+from medqlora.evaluate import generation
+from medqlora.core import modeling
+from medqlora.core.config import build_params
+from medqlora.data.templates import format_prompt
 
 # (id, kind, label, user text, reference); ids sort as listed, "g-..." is cut by max_examples=6
 ROWS = [

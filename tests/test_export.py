@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run
-from medqlora import export
-from medqlora.templates import format_messages, format_prompt
+from medqlora.ship import export
+from medqlora.data.templates import format_messages, format_prompt
 from package_fixture import NAME, QUESTIONS, tiny_package  # noqa: F401  (fixture)
 
 MAX_NEW = 24

@@ -1,4 +1,4 @@
-"""The fast path equals the plain path wherever it runs on a CPU (medqlora/fastpath.py).
+"""The fast path equals the plain path wherever it runs on a CPU (medqlora/train/fast/fastpath.py).
 
 On the tiny 4-bit base: padding-free batches + the fused LoRA GEMM + no checkpointing give the
 same loss and adapter gradients as padded batches + peft's LoRA + full checkpointing (fp32 on
@@ -13,8 +13,10 @@ import pytest
 import torch
 import yaml
 
-from medqlora import attention, config, fastpath, memory, modeling, training
-from medqlora.collation import Collator
+from medqlora.core import config, memory, modeling
+from medqlora.train import training
+from medqlora.train.collation import Collator
+from medqlora.train.fast import attention, fastpath
 from tests.conftest import ROOT, TINY_MODEL
 
 
@@ -134,10 +136,10 @@ def test_loss_chunks_of_up_to_2048_tokens():
 
 @pytest.mark.slow
 def test_graphed_layers_fall_back_to_the_same_eager_forward(tmp_path, tiny_model):
-    # cuda_graphs patches the kept layers (medqlora/graphs.py); a call the graph cannot serve
+    # cuda_graphs patches the kept layers (medqlora/train/fast/graphs.py); a call the graph cannot serve
     # -- here, on a CPU -- runs every layer eagerly, with the same loss and gradients as the
     # unpatched model, and says why it declined.
-    from medqlora import graphs
+    from medqlora.train.fast import graphs
     params = _params(checkpoint_policy="none", padding_free=False, varlen_attention=False)
     vocab = yaml.safe_load((tiny_model / "config.json").read_text())["vocab_size"]
     rows = _rows([12, 12, 12, 12], vocab)
@@ -173,7 +175,7 @@ def test_graph_gradients_accumulate_as_a_sum():
     # A graphed backward returns gradients in static buffers its next replay overwrites (as
     # torch.cuda.make_graphed_callables does). Without graphs.own_gradients autograd adopts
     # the buffer as .grad and 16 micro-batches end with twice the last one's gradient.
-    from medqlora import graphs
+    from medqlora.train.fast import graphs
     static = torch.zeros(3)
 
     class Replayed(torch.autograd.Function):
@@ -201,7 +203,7 @@ def test_graph_gradients_accumulate_as_a_sum():
 
 
 def test_dropout_mode_is_set_on_the_fused_branches_only():
-    from medqlora import lora_branch
+    from medqlora.train.fast import lora_branch
     root = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     root[1]._peft_forward = root[1].forward        # what fastpath.fuse_lora marks
     assert lora_branch.set_dropout_mode(root, "seeded") == 1
@@ -312,7 +314,7 @@ def _saved_bytes(fn):
 
 
 def test_dropped_linear_keeps_x_not_copies_and_replays_the_same_mask():
-    from medqlora.lora_branch import dropped_linear
+    from medqlora.train.fast.lora_branch import dropped_linear
     x = torch.randn(3, 5, 16, requires_grad=True)
     weights = [torch.randn(4, 16, requires_grad=True) for _ in range(3)]   # q, k, v share x
     torch.manual_seed(7)
@@ -344,7 +346,7 @@ def test_seeded_dropout_draws_its_mask_from_a_seed_tensor_only():
     # The graph-safe dropout: the mask is a function of (seed, index) -- keep rate 1 - p, the
     # same mask for the input in forward and its gradient in backward -- and the branch keeps
     # x and a one-element seed, never a dropped copy or a mask.
-    from medqlora import lora_branch
+    from medqlora.train.fast import lora_branch
     seed = torch.tensor([12345])
     keep = lora_branch.keep_mask(seed, 200_000, 0.05)
     assert abs(keep.float().mean().item() - 0.95) < 0.003
@@ -374,7 +376,7 @@ def test_seeded_dropout_draws_its_mask_from_a_seed_tensor_only():
 def test_down_input_is_rebuilt_from_gate_and_up(mode):
     # down_proj's branch keeps the SwiGLU's gate and up (which its backward keeps anyway) and
     # rebuilds their product in backward: the same output and gradients as keeping it.
-    from medqlora import lora_branch
+    from medqlora.train.fast import lora_branch
     gate = torch.randn(2, 6, 24, requires_grad=True)
     up = torch.randn(2, 6, 24, requires_grad=True)
     weight = torch.randn(8, 24, requires_grad=True)
@@ -406,7 +408,7 @@ def test_fused_lora_with_dropout_matches_peft(tmp_path, tiny_model, monkeypatch,
     # recomputed ones (policy all) use peft's; either way the masks are peft's, so loss and
     # gradients match peft's own forward. down_proj's branch also rebuilds its input from
     # the SwiGLU's gate and up in backward, whatever the policy.
-    from medqlora import lora_branch
+    from medqlora.train.fast import lora_branch
     replays, rebuilt = [], []
     original, recomputed = lora_branch.dropped_linear, lora_branch.recomputed_dropped_linear
     monkeypatch.setattr(lora_branch, "dropped_linear",

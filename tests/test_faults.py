@@ -8,7 +8,7 @@ last `dvc repro` finishes and its outputs are compared with the reference.
 No tolerance: training on CPU is bitwise deterministic and resumes bitwise
 (tests/test_train.py), so losses, adapter, merged weights, predictions and every package
 file are equal, the model card and meta.json files included (they hold no git commit, no
-measured speed or memory, and no trace of the resume: medqlora.provenance.VOLATILE).
+measured speed or memory, and no trace of the resume: medqlora.core.provenance.VOLATILE).
 
 Detected elsewhere, not duplicated here: a corrupted checkpoint is skipped on resume
 (tests/test_train.py), an altered package file fails `medqlora verify` (tests/test_package.py).
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from medqlora import checkpoints, outputs
+from medqlora.core import outputs
+from medqlora.train import checkpoints
 from tests.conftest import run, write_params
 from tests.small_run import ENV, small_run, small_workspace  # noqa: F401 (fixture)
 
@@ -47,7 +48,7 @@ KILLS = [
     ("train", lambda ws, log: any(checkpoints.problem(c) is None
                                   for c in (ws / "checkpoints/train").glob("*/checkpoint-2")),
      ["models/adapter", "metrics/train.json"]),
-    ("evaluate", lambda ws, log: "medqlora.evaluation: base: perplexity" in log,
+    ("evaluate", lambda ws, log: "medqlora.evaluate.evaluation: base: perplexity" in log,
      ["predictions", "metrics/evaluate.json"]),
     ("merge", lambda ws, log: "not quantized" in log, ["models/merged", "metrics/merge.json"]),
     ("package", lambda ws, log: tmp_sibling(ws, "artifacts/package"), ["artifacts/package"]),

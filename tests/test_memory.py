@@ -1,4 +1,4 @@
-"""Preflight memory estimate (medqlora/memory.py): exact parts by hand, refusal, calibration."""
+"""Preflight memory estimate (medqlora/core/memory.py): exact parts by hand, refusal, calibration."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from bench.archs import ARCHS
-from medqlora import memory, preflight
 from medqlora.cli import main
-from medqlora.config import load_params
-from medqlora.memory import GIB, Arch, Setup, estimate
+from medqlora.core import memory
+from medqlora.core.config import load_params
+from medqlora.core.memory import GIB, Arch, Setup, estimate
+from medqlora.train import preflight
 from tests.conftest import TINY_MODEL, write_params
 
 MISTRAL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -144,7 +145,7 @@ def test_hub_id_not_cached_warns_and_exits_0(tmp_path, capsys):
 
 
 def test_train_stage_refuses_before_loading(tmp_path, capsys):
-    from medqlora.training import run
+    from medqlora.train.training import run
     params = load_params(mistral_params(tmp_path))
     with pytest.raises(preflight.WontFit, match="refusing to start"):  # no data: preflight first
         run(params, tmp_path / "missing", tmp_path / "out", tmp_path / "ck", tmp_path / "live",

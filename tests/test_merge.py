@@ -11,7 +11,7 @@ import torch
 
 from adapter_fixture import adapter_params, make_adapter, write_test_split
 from conftest import ROOT, write_params
-from medqlora import merging
+from medqlora.ship import merging
 
 # 16 held-out-style prompts (about 500 positions), templated as prepare does by default.
 PROMPTS = [f"### Instruction:\n{json.loads(line)['instruction']}\n\n### Response:\n"

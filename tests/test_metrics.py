@@ -1,4 +1,4 @@
-"""medqlora.metrics against hand-computed values."""
+"""medqlora.evaluate.metrics against hand-computed values."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from medqlora import metrics
+from medqlora.evaluate import metrics
 
 
 def test_perplexity_of_known_nll_vector():

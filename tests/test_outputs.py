@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from medqlora.outputs import atomic_dir, atomic_file, read_json, sha256_tree, write_json
+from medqlora.core.outputs import atomic_dir, atomic_file, read_json, sha256_tree, write_json
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -57,7 +57,7 @@ def _strict(text: str):
 
 def test_write_json_never_writes_nan_or_infinity(tmp_path, caplog):
     path = tmp_path / "metrics.json"
-    with caplog.at_level(logging.WARNING, logger="medqlora.outputs"):
+    with caplog.at_level(logging.WARNING, logger="medqlora.core.outputs"):
         write_json(path, {"eval_loss": math.inf, "eval_loss_start": math.nan, "steps": 4,
                           "adapter": {"perplexity": -math.inf, "bleu": 1.5},
                           "curve": [1.0, math.nan]})
@@ -78,7 +78,7 @@ def test_meta_json_is_the_same_bytes_at_any_commit(tmp_path, monkeypatch):
     # downstream hash on each re-run. Written from two git repos at different commits, it is
     # byte-identical.
     import subprocess
-    from medqlora.provenance import write_meta
+    from medqlora.core.provenance import write_meta
     (tmp_path / "input.txt").write_text("rows")
     metas = []
     for name in ("one", "two"):

@@ -12,8 +12,9 @@ import pytest
 
 from adapter_fixture import adapter_params, make_adapter, write_test_split
 from conftest import ROOT, run
-from medqlora import merging, packaging
-from medqlora.manifest import verify
+from medqlora.ship import merging
+from medqlora.ship import packaging
+from medqlora.ship.manifest import verify
 
 BASE_REL = "models/tiny-med-llama"
 EVALUATE = {

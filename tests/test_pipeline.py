@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqlora import contract
+from medqlora.core import contract
 from tests.conftest import restore_baseline, run, set_key
 
 pytestmark = pytest.mark.slow
@@ -114,8 +114,8 @@ def test_train_key_change_does_not_rerun_prepare(workspace):
     assert "train" in status and "prepare" not in status
 
 
-@pytest.mark.parametrize("module", ["medqlora/adapter_io.py", "medqlora/templates.py",
-                                    "medqlora/provenance.py", "medqlora/runner.py"])
+@pytest.mark.parametrize("module", ["medqlora/train/adapter_io.py", "medqlora/data/templates.py",
+                                    "medqlora/core/provenance.py", "medqlora/core/runner.py"])
 def test_touching_a_module_lists_every_stage_that_imports_it(workspace, module):
     # A comment is enough: DVC hashes the file. The stages expected are those whose entrypoint
     # imports the module, directly or not (derived from the code, not from dvc.yaml).
@@ -139,7 +139,7 @@ def test_rerun_prepare_gives_the_same_bytes_so_nothing_after_it_reruns(workspace
     # phi.py is imported by prepare alone. Touched and committed, it re-runs prepare, whose
     # output (meta.json included: no commit, no timing) is byte-identical to the baseline's,
     # so train, evaluate, merge and package have nothing to do.
-    with open(workspace / "medqlora/phi.py", "a", encoding="utf-8") as handle:
+    with open(workspace / "medqlora/data/phi.py", "a", encoding="utf-8") as handle:
         handle.write("# touched\n")
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "touch phi"],
         workspace)
@@ -178,7 +178,7 @@ def test_medqa_file_placed_per_readme_is_scored_by_dvc_repro_as_lm_eval_scores_i
         workspace, medqa_file, tmp_path):
     # What the README tells a user: put the public MedQA-4 test file at
     # data/benchmarks/medqa/test.jsonl, list it under evaluate.benchmarks, `dvc repro`.
-    from medqlora.benchmarks import save_quantized_base, task_scores
+    from medqlora.evaluate.benchmarks import save_quantized_base, task_scores
     from tests.test_benchmarks import lm_eval_cli
     edit_params(workspace, "evaluate.benchmarks",
                 [{"task": "medqa_4options", "path": "data/benchmarks/medqa/test.jsonl"}])

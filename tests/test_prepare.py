@@ -18,9 +18,9 @@ from conftest import ROOT, TINY_MODEL, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medqlora.config import build_params
-from medqlora.dataset import SPLITS, check_splits
-from medqlora.records import DataError
+from medqlora.core.config import build_params
+from medqlora.data.dataset import SPLITS, check_splits
+from medqlora.data.records import DataError
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import make_tokenizer  # noqa: E402

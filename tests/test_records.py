@@ -1,4 +1,4 @@
-"""Reading and validating raw records (medqlora.records), PHI patterns and prompt templates."""
+"""Reading and validating raw records (medqlora.data.records), PHI patterns and prompt templates."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from medqlora import phi
-from medqlora.config import Source
-from medqlora.records import DataError, Example, Reject, read_records
-from medqlora.templates import DEFAULT_NAME, format_messages, format_prompt, template_name
+from medqlora.core.config import Source
+from medqlora.data import phi
+from medqlora.data.records import DataError, Example, Reject, read_records
+from medqlora.data.templates import DEFAULT_NAME, format_messages, format_prompt, template_name
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

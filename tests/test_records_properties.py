@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medqlora.config import Source
-from medqlora.records import DataError, Example, Reject, read_records
+from medqlora.core.config import Source
+from medqlora.data.records import DataError, Example, Reject, read_records
 
 FORMATS = ("alpaca", "mcq", "chat")
 SETTINGS = settings(max_examples=150, deadline=None,

@@ -8,7 +8,7 @@ what dvc.lock names at v1.0.0 to
 2. an SSH remote served by a real OpenSSH sshd on 127.0.0.1 (public-key auth only: an
    unauthorized key is refused; and the client checks the server: a host key that
    ~/.ssh/known_hosts does not list, or lists differently, stops `dvc pull` before any
-   transfer, see medqlora/ssh_known_hosts.py);
+   transfer, see medqlora/core/ssh_known_hosts.py);
 
 fresh `git clone` + `git checkout v1.0.0` + `dvc pull` from each must restore every pipeline
 output with the package bit for bit (manifest bytes equal to the baseline's). Then

@@ -15,8 +15,8 @@ import docker
 import pytest
 
 from conftest import ROOT, write_params
-from medqlora import runner
-from medqlora.config import load_params
+from medqlora.core import runner
+from medqlora.core.config import load_params
 
 SECRET = "hf_s3cr3t-value-never-logged"
 
@@ -89,7 +89,7 @@ def test_device_requests_for_gpus(tmp_path, gpus, count, ids):
 
 def test_env_passes_named_values_and_logs_names_only(tmp_path, caplog):
     rp = runner_params(tmp_path, env=["HF_TOKEN", "NOT_SET_ANYWHERE"], network="bridge")
-    with caplog.at_level(logging.INFO, logger="medqlora.runner"):
+    with caplog.at_level(logging.INFO, logger="medqlora.core.runner"):
         spec = spec_for(tmp_path, rp, environ={"HF_TOKEN": SECRET, "AWS_SECRET": "other",
                                                "TRANSFORMERS_OFFLINE": "1"})
     env = spec["environment"]

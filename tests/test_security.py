@@ -55,7 +55,7 @@ def test_trust_remote_code_is_false_by_default():
 
 def test_torch_load_is_weights_only():
     calls = []
-    for path in sorted((ROOT / "medqlora").glob("*.py")):
+    for path in sorted((ROOT / "medqlora").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         for match in re.finditer(r"torch\.load\(", text):
             end = text.index(")", match.end())
@@ -93,7 +93,7 @@ def test_record_text_never_reaches_the_logs(small_run):
 
 def test_dvc_ssh_remotes_check_known_hosts():
     # dvc-ssh turns host key checking off (asyncssh known_hosts=None); the .pth `make setup`
-    # installs in the venv turns it back on in every dvc process (medqlora/ssh_known_hosts.py).
+    # installs in the venv turns it back on in every dvc process (medqlora/core/ssh_known_hosts.py).
     # A fresh interpreter of the venv, as `dvc` is: what it would hand asyncssh.
     code = ("import dvc_ssh; fs = dvc_ssh.SSHFileSystem(host='h', user='u', keyfile='/k'); "
             "print(repr(fs.fs_args.get('known_hosts', 'unset')))")

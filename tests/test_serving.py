@@ -161,7 +161,7 @@ def test_concurrent_requests_are_batched_and_equal(server, expected):
 
 def test_completions_endpoint_takes_the_raw_prompt(server, expected, package):
     from transformers import AutoTokenizer
-    from medqlora.templates import format_prompt
+    from medqlora.data.templates import format_prompt
     tokenizer = AutoTokenizer.from_pretrained(str(package))
     client = server.client()
     prompt = format_prompt(tokenizer, QUESTIONS[0])

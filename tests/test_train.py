@@ -30,12 +30,16 @@ import torch
 import yaml
 
 from conftest import ROOT, set_key
-from medqlora import checkpoints, modeling, planning, run_context, training
-from medqlora.callbacks import DivergenceGuard, Diverged, TokensSeen
-from medqlora.collation import REAL_TOKENS, Collator, WithTokenCount
-from medqlora.config import build_params, validate_document
-from medqlora.outputs import sha256_tree
-from medqlora.provenance import write_meta
+from medqlora.train import checkpoints
+from medqlora.core import modeling
+from medqlora.train import planning
+from medqlora.train import run_context
+from medqlora.train import training
+from medqlora.train.callbacks import DivergenceGuard, Diverged, TokensSeen
+from medqlora.train.collation import REAL_TOKENS, Collator, WithTokenCount
+from medqlora.core.config import build_params, validate_document
+from medqlora.core.outputs import sha256_tree
+from medqlora.core.provenance import write_meta
 
 FACTS = [("anemia", "low hemoglobin"), ("diabetes", "high blood glucose"),
          ("asthma", "narrow airways"), ("hepatitis", "liver inflammation"),
@@ -273,7 +277,7 @@ def test_cuda_oom_halves_batch_and_doubles_accumulation(monkeypatch, caplog, tin
     monkeypatch.setattr(training, "fit", fake_fit)
     cuda = run_context.build(params, modeling.Precision("cuda", torch.bfloat16, True, False, ()))
     rows = ([0] * TRAIN_ROWS, [0] * 8)
-    with caplog.at_level(logging.WARNING, logger="medqlora.training"):
+    with caplog.at_level(logging.WARNING, logger="medqlora.train.training"):
         plan = training.fit_adaptive(params, cuda, None, rows, tmp_path, tmp_path).plan
     assert tried == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout
     assert (plan.batch, plan.accum) == (1, 8)
@@ -552,7 +556,7 @@ def test_rerun_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(short_
     # without callbacks.StopAtEnd it trained a 7th step and the adapter differed.
     params, metrics, paths = short_run
     shutil.copytree(paths["ckpt"], tmp_path / "ckpt")
-    with caplog.at_level(logging.INFO, logger="medqlora.training"):
+    with caplog.at_level(logging.INFO, logger="medqlora.train.training"):
         again = training.run(params, data, tmp_path / "adapter", tmp_path / "ckpt", None,
                              tmp_path / "train.json")
     assert again["resumed_from_step"] == again["global_step"] == metrics["global_step"] == 6
@@ -582,7 +586,7 @@ def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(short_run, tmp_p
         target.write_bytes(b"\x00" * 64)
     else:
         target.unlink()
-    with caplog.at_level(logging.WARNING, logger="medqlora.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="medqlora.train.checkpoints"):
         chosen = checkpoints.latest_complete(run_dir)
     assert chosen == run_dir / "checkpoint-3"
     assert any("checkpoint-6" in r.getMessage() and "skipping" in r.getMessage()

@@ -1,0 +1,362 @@
+"""The evaluate stage: base vs base + adapter on the test split, under the same quantization.
+
+    python stages/evaluate.py --data data/prepared --adapter models/adapter \
+        --predictions predictions --metrics metrics/evaluate.json
+
+The base is loaded once, exactly as training loaded it (model, quantization and compute dtype
+come from the adapter's meta.json, not from params.yaml), the adapter is attached, and the
+base is scored with the adapter switched off (`disable_adapter()`: LoRA adds B·A to frozen
+weights, so switching it off *is* the base, at half the memory of a second copy). For each:
+
+- perplexity over answer tokens only: teacher-forced logits, token NLL summed where
+  label != -100, exp(sum / count);
+- multiple-choice (mcq) items scored by the log-likelihood of each option, the protocol of
+  lm-evaluation-harness: the continuation "Answer: X" (as prepare wrote the reference, the
+  option letter X) after the prompt; the option with the highest summed log-probability is
+  the model's answer. No text is generated for them;
+- generation for every other item (medqlora.evaluate.generation: greedy by default, batched by
+  length, stop at eos), scored against the reference with corpus BLEU, per-item sentence
+  BLEU and ROUGE-L F1; lab items' diagnostic answers are parsed from the text
+  (medqlora.evaluate.metrics.parse_answer documents the rule; no parseable answer counts as wrong and
+  as a parse failure);
+- bootstrap 95% intervals for BLEU and accuracy (seeded, items resampled).
+
+Why options by likelihood: generating 512 tokens to read one letter is most of evaluate's
+cost at 7B, and parsing free text adds failures unrelated to knowledge; the likelihood ranks
+exactly the answers the model could give, one forward pass per option.
+
+Model text goes only to predictions/predictions.jsonl; the log carries counts and scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from medqlora.core.config import Params
+from medqlora.core.memory import EVAL_NLL_TOKENS
+from medqlora.core.outputs import atomic_dir, write_json
+from medqlora.core.provenance import read_meta, write_meta
+from medqlora.evaluate import metrics
+from medqlora.evaluate.generation import GenerationSettings, generate_tokens
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+# Teacher-forced passes hold tokens x vocab float32 log-probabilities: 4,096 tokens x 128,256
+# (Llama-3) x 4 bytes = 2.1 GB, plus the bf16 logits. Rows are batched up to this many tokens
+# (the memory model's evaluate estimate counts the same).
+NLL_TOKENS = EVAL_NLL_TOKENS
+OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)  # dataset.user_text: "B. <option>"
+SCALARS = ("perplexity", "bleu", "rouge_l", "diagnostic_accuracy", "parse_failure_rate")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_test(data_dir: str | Path, max_examples: int | None = None) -> list[dict[str, Any]]:
+    """Test rows sorted by id, the first `max_examples` of them (deterministic first N)."""
+    import pandas as pd
+    path = Path(data_dir) / "test.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
+    frame = pd.read_parquet(path).sort_values("id", kind="stable")
+    if max_examples is not None:
+        frame = frame.head(max_examples)
+    rows = []
+    for rec in frame.to_dict("records"):
+        rec["input_ids"] = [int(t) for t in rec["input_ids"]]
+        rec["labels"] = [int(t) for t in rec["labels"]]
+        rec["label"] = rec["label"] if isinstance(rec.get("label"), str) else None
+        rows.append(rec)
+    if not rows:
+        raise ValueError(f"{path} has no rows: raise data.test_fraction or add records")
+    return rows
+
+
+def prompt_ids(row: dict[str, Any]) -> list[int]:
+    """The prompt's token ids: input_ids up to the first answer token (label != -100).
+
+    Taking them from the prepared ids (not re-tokenising `prompt`) feeds the model exactly the
+    tokens it was trained on, bos and template boundaries included.
+    """
+    for i, label in enumerate(row["labels"]):
+        if label != IGNORE:
+            return row["input_ids"][:i]
+    raise ValueError(f"test row {row['id']} has no answer token (every label is -100)")
+
+
+def load_models(adapter_dir: str | Path):
+    """(peft model, tokenizer, adapter meta): the base rebuilt from the adapter's meta.json
+    (modeling.load_shipped)."""
+    from medqlora.core.modeling import load_shipped
+    return load_shipped(adapter_dir)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Row indices grouped longest first: at most `max_rows` rows and `max_tokens` padded
+    tokens a group (a row longer than `max_tokens` goes alone). E.g. lengths [5, 9, 7],
+    max_rows 8, max_tokens 16 -> [[1], [2, 0]] (9 alone: 2 x 9 > 16; then 2 x 7 = 14)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and \
+                (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.no_grad()
+def answer_nll(model, rows: Sequence[dict[str, Any]], batch_size: int,
+               pad_id: int) -> list[tuple[float, int]]:
+    """(summed NLL, answer-token count) per row, from teacher-forced logits.
+
+    Logits at position t predict token t+1, so logits[:, :-1] are scored against
+    labels[:, 1:]; prompt and padding positions carry -100 and are skipped. The NLL is the
+    cross-entropy of the full distribution (log-softmax in float32), never of argmax ids.
+    Rows go longest first in batches of at most `batch_size` rows and NLL_TOKENS tokens.
+    With bfloat16 compute, padding a row into a batch moves its NLL by ~0.3% (other kernel
+    shapes); base and adapter are batched identically, so their comparison is unaffected.
+    """
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for batch_idx in token_batches([len(r["input_ids"]) for r in rows], batch_size, NLL_TOKENS):
+        batch = [rows[i] for i in batch_idx]
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):  # right padding: causal attention never sees it
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            mask[i, :n] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        target = labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE,
+            reduction="none")
+        for i, s, c in zip(batch_idx, nll.sum(dim=1).tolist(),
+                           (target != IGNORE).sum(dim=1).tolist()):
+            out[i] = (float(s), int(c))
+        del logits, nll
+    return out
+
+
+def is_option_item(row: dict[str, Any]) -> bool:
+    """Scored by option likelihood: a multiple-choice item with its answer letter."""
+    return row["kind"] == "mcq" and bool(row.get("label"))
+
+
+def option_continuations(row: dict[str, Any]) -> dict[str, str]:
+    """{letter: continuation text} of an mcq row, e.g. {"A": "Answer: A", "B": "Answer: B"}.
+
+    The letters are the option lines prepare wrote into the prompt ("B. <option>", see
+    dataset.user_text); the answer word is the reference's text before its letter
+    ("Answer: B. ..." -> "Answer: ", "Réponse : B. ..." -> "Réponse : ").
+    """
+    letters = list(dict.fromkeys(OPTION_LINE.findall(row["prompt"])))
+    label, reference = row["label"], row["reference"]
+    head = reference.find(label)
+    if label not in letters or head < 0:
+        raise ValueError(f"test row {row['id']}: mcq answer {label!r} is not among the option "
+                         f"lines {letters} of its prompt, or not in its reference; re-run "
+                         "prepare")
+    return {letter: reference[:head] + letter for letter in letters}
+
+
+def score_options(model, tokenizer, rows: Sequence[dict[str, Any]], batch_size: int
+                  ) -> list[dict[str, Any]]:
+    """Per mcq row: each option's summed log-probability, the choice and its correctness."""
+    candidates, owners = [], []
+    for r, row in enumerate(rows):
+        prompt = prompt_ids(row)
+        for letter, text in option_continuations(row).items():
+            cont = tokenizer(text, add_special_tokens=False)["input_ids"]
+            candidates.append({"input_ids": prompt + cont, "labels": [IGNORE] * len(prompt) + cont})
+            owners.append((r, letter))
+    logliks: list[dict[str, float]] = [{} for _ in rows]
+    for (r, letter), (nll, _) in zip(owners, answer_nll(model, candidates, batch_size,
+                                                         tokenizer.pad_token_id)):
+        logliks[r][letter] = round(-nll, 6)
+    items = []
+    for row, scores in zip(rows, logliks):
+        choice = max(scores, key=scores.get)
+        items.append({"bleu": None, "rouge_l": None, "method": "option_loglik",
+                      "option_loglik": scores, "parsed": choice,
+                      "correct": choice == row["label"]})
+    return items
+
+
+def score_outputs(rows: Sequence[dict[str, Any]], outputs: Sequence[str]
+                  ) -> list[dict[str, Any]]:
+    """Per-item scores of generated text: sentence BLEU, ROUGE-L F1, parsed answer."""
+    items = []
+    for row, text in zip(rows, outputs):
+        item: dict[str, Any] = {"bleu": metrics.sentence_bleu(text, row["reference"]),
+                                "rouge_l": metrics.rouge_l(text, row["reference"]),
+                                "method": "generation", "parsed": None, "correct": None}
+        if metrics.is_diagnostic(row["kind"], row["label"]):
+            item["parsed"] = metrics.parse_answer(row["kind"], text)
+            item["correct"] = item["parsed"] == row["label"]
+        items.append(item)
+    return items
+
+
+def summarise(rows: Sequence[dict[str, Any]], outputs: Sequence[str | None],
+              items: Sequence[dict[str, Any]], nll: Sequence[tuple[float, int]],
+              samples: int, seed: int) -> dict[str, Any]:
+    """One model's metrics block of metrics/evaluate.json.
+
+    BLEU and ROUGE-L cover the generated items; diagnostic accuracy covers mcq (option
+    likelihood) and lab (parsed) items; the parse failure rate covers the parsed ones.
+    """
+    generated = [(row["reference"], text) for row, text, item in zip(rows, outputs, items)
+                 if item["method"] == "generation"]
+    refs, hyps = [r for r, _ in generated], [h for _, h in generated]
+    diag = [it for it in items if it["correct"] is not None]
+    parsed = [it for it in diag if it["method"] == "generation"]
+    summary: dict[str, Any] = {
+        "perplexity": metrics.perplexity(sum(s for s, _ in nll), sum(c for _, c in nll)),
+        "bleu": metrics.corpus_bleu(hyps, refs) if hyps else None,
+        "bleu_ci95": metrics.bleu_ci(hyps, refs, samples, seed) if hyps else None,
+        "rouge_l": (sum(it["rouge_l"] for it in items if it["method"] == "generation")
+                    / len(hyps)) if hyps else None,
+        "diagnostic_accuracy": None, "diagnostic_accuracy_ci95": None,
+        "parse_failure_rate": None,
+    }
+    if diag:
+        correct = [bool(it["correct"]) for it in diag]
+        summary["diagnostic_accuracy"] = sum(correct) / len(correct)
+        summary["diagnostic_accuracy_ci95"] = metrics.accuracy_ci(correct, samples, seed)
+    if parsed:
+        summary["parse_failure_rate"] = sum(it["parsed"] is None for it in parsed) / len(parsed)
+    return summary
+
+
+def run_model(model, tokenizer, rows, settings: GenerationSettings, samples: int
+              ) -> tuple[dict[str, Any], list[str | None], list[dict[str, Any]]]:
+    """(summary, outputs, per-item scores) of whatever `model` currently computes.
+
+    An mcq item's output is the continuation it chose ("Answer: B"); the others' is the text
+    generated.
+    """
+    clock = time.perf_counter()
+    nll = answer_nll(model, rows, settings.batch_size, tokenizer.pad_token_id)
+    seconds = {"nll": time.perf_counter() - clock}
+    options = [i for i, r in enumerate(rows) if is_option_item(r)]
+    generate = [i for i, r in enumerate(rows) if not is_option_item(r)]
+    outputs: list[str | None] = [None] * len(rows)
+    items: list[dict[str, Any]] = [{}] * len(rows)
+    clock = time.perf_counter()
+    for i, item in zip(options, score_options(model, tokenizer, [rows[i] for i in options],
+                                              settings.batch_size)):
+        outputs[i] = option_continuations(rows[i])[item["parsed"]]
+        items[i] = item
+    seconds["options"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    new = generate_tokens(model, tokenizer, [prompt_ids(rows[i]) for i in generate],
+                          settings) if generate else []
+    seconds["generation"] = time.perf_counter() - clock
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
+    for i, text, item in zip(generate, texts, score_outputs([rows[i] for i in generate], texts)):
+        outputs[i], items[i] = text, item
+    # Timings go to the log only: metrics files stay a function of the inputs.
+    log.info("timing: answer NLL %.1f s (%d rows); options %.1f s (%d mcq); generation %.1f s "
+             "(%d prompts, %d new tokens, %.0f tokens/s)", seconds["nll"], len(rows),
+             seconds["options"], len(options), seconds["generation"], len(generate),
+             sum(map(len, new)), sum(map(len, new)) / max(seconds["generation"], 1e-9))
+    for item, (s, c) in zip(items, nll):
+        item["perplexity"] = math.exp(s / c) if c else None
+    return summarise(rows, outputs, items, nll, samples, settings.seed), outputs, items
+
+
+def delta(base: dict[str, Any], adapter: dict[str, Any]) -> dict[str, float | None]:
+    """Adapter minus base for every scalar metric (None where either side is None)."""
+    return {k: (None if base[k] is None or adapter[k] is None else adapter[k] - base[k])
+            for k in SCALARS}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def prediction_rows(rows, outputs: dict[str, list[str] | None],
+                    items: dict[str, list[dict] | None]) -> list[dict[str, Any]]:
+    """predictions.jsonl rows: the example, each model's output and its per-item scores."""
+    out = []
+    for i, row in enumerate(rows):
+        rec = {k: row.get(k) for k in ("id", "kind", "lang", "prompt", "reference", "label")}
+        for name in ("base", "adapter"):
+            rec[f"{name}_output"] = outputs[name][i] if outputs[name] is not None else None
+            rec[f"{name}_scores"] = items[name][i] if items[name] is not None else None
+        out.append(rec)
+    return out
+
+
+def evaluate(params: Params, data_dir: str | Path, adapter_dir: str | Path,
+             predictions_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
+    """Score base and base + adapter; write predictions/ and the metrics JSON; return it."""
+    cfg = params.evaluate
+    settings = GenerationSettings.from_params(cfg, params.seed)
+    rows = load_test(data_dir, cfg.max_examples)
+    model, tokenizer, meta = load_models(adapter_dir)
+    summaries: dict[str, Any] = {"base": None}
+    outputs: dict[str, Any] = {"base": None}
+    items: dict[str, Any] = {"base": None}
+    runs = (("base", model.disable_adapter), ) if cfg.compare_base else ()
+    for name, context in (*runs, ("adapter", contextlib.nullcontext)):
+        with context():
+            summaries[name], outputs[name], items[name] = run_model(
+                model, tokenizer, rows, settings, cfg.bootstrap_samples)
+        log.info("%s: perplexity %.3f, BLEU %s, ROUGE-L %s, diagnostic accuracy %s",
+                 name, summaries[name]["perplexity"], summaries[name]["bleu"],
+                 summaries[name]["rouge_l"], summaries[name]["diagnostic_accuracy"])
+    result = {
+        "n": len(rows),
+        "n_diagnostic": sum(metrics.is_diagnostic(r["kind"], r["label"]) for r in rows),
+        "n_option_scored": sum(is_option_item(r) for r in rows),
+        "n_generated": sum(not is_option_item(r) for r in rows),
+        "n_answer_tokens": sum(sum(t != IGNORE for t in r["labels"]) for r in rows),
+        "base": summaries["base"],
+        "adapter": summaries["adapter"],
+        "delta": delta(summaries["base"], summaries["adapter"]) if cfg.compare_base else None,
+        "generation": settings.as_dict(),
+    }
+    with atomic_dir(predictions_dir) as tmp:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as handle:
+            for rec in prediction_rows(rows, outputs, items):
+                handle.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+        write_meta(tmp, stage="evaluate", params=params.section("seed", "evaluate"),
+                   inputs={"test": Path(data_dir) / "test.parquet", "adapter": adapter_dir},
+                   extra={"base": meta.get("base"), "quantization":
+                          meta.get("params", {}).get("quantization"),
+                          "n": result["n"], "generation": result["generation"]})
+    write_json(metrics_path, result)
+    return result
+
+
+def compare_perplexity(data_dir: str | Path, adapter_dir: str | Path,
+                       max_examples: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """{"base": ppl, "adapter": ppl} over the test split's answer tokens (no generation).
+
+    For tests and quick checks: a trained adapter should have the lower perplexity.
+    """
+    rows = load_test(data_dir, max_examples)
+    model, tokenizer, _ = load_models(adapter_dir)
+    out = {}
+    for name, context in (("base", model.disable_adapter), ("adapter", contextlib.nullcontext)):
+        with context():
+            nll = answer_nll(model, rows, batch_size, tokenizer.pad_token_id)
+        out[name] = metrics.perplexity(sum(s for s, _ in nll), sum(c for _, c in nll))
+    return out

@@ -1,0 +1,1 @@
+"""The train fast path: fused LoRA branches, decoder layers as CUDA graphs, varlen attention."""
