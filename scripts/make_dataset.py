@@ -1,6 +1,7 @@
 """Write the embedded synthetic medical instruction dataset under data/raw/.
 
-    python scripts/make_dataset.py            # writes data/raw/{qa,labs,mcq}.jsonl
+    python scripts/make_dataset.py            # writes data/raw/{qa,labs,mcq}.jsonl and
+                                              # data/raw/heldout/labs_novel.jsonl
     python scripts/make_dataset.py --out DIR  # somewhere else
 
 Deterministic (one fixed seed, stdlib only): running it twice gives byte-identical files.
@@ -13,6 +14,11 @@ Files (about 1,000 records in all, well under 1 MB):
   qa.jsonl   ~300  alpaca {"id","instruction","input","output","lang"}
   labs.jsonl  400  alpaca + "label" (closed vocabulary, see FINDINGS)
   mcq.jsonl  ~300  {"id","question","options":{A..D},"answer","explanation","lang"}
+  heldout/labs_novel.jsonl  120  lab panels like labs.jsonl's whose decisive value (the
+             abnormal analyte's line; all lines of a normal panel) appears in no labs.jsonl
+             panel, many outside training's draw range: an evaluation set that recall of the
+             training data cannot answer, only the labelling rule (data.heldout_sources; never
+             trained on). Answers follow the same template, so their wording overlaps train.
 """
 
 import argparse
@@ -23,6 +29,7 @@ from pathlib import Path
 SEED = 1234
 N_LABS = 400
 N_LAB_MCQ = 110
+N_NOVEL = 120     # 10 per label
 
 # ---------------------------------------------------------------------------
 # Conditions: name, category (distractors never come from the same category, so a
@@ -749,13 +756,14 @@ def lab_line(key, value, li):
     return f"{names[li]}: {_fmt(value, dec)} {units[li]} ({ref}: {_fmt(lo, dec)}-{_fmt(hi, dec)})"
 
 
-def make_lab(rng, label, li):
+def make_lab(rng, label, li, lo_hi=None):
     """One lab record built around `label`: its analyte abnormal, 1-3 other analytes normal.
 
     Labelling rule: a panel holds at most one abnormal analyte; the label is the finding for
     that analyte's direction (table FINDINGS), or "normal" when every value is in range.
     """
-    target, direction, lo_hi, f_en, f_fr, interp_en, interp_fr = FINDINGS[label]
+    target, direction, trained, f_en, f_fr, interp_en, interp_fr = FINDINGS[label]
+    lo_hi = lo_hi or trained
     others = [k for k in ANALYTES if k != target]
     n_panel = rng.randint(2, 4)
     keys = rng.sample(others, n_panel - (target is not None))
@@ -887,6 +895,48 @@ def make_mcq(rng):
     return records
 
 
+# Held-out draw ranges of the decisive analyte: each label's training range (FINDINGS) widened
+# on its far side, still unambiguous (never touching the reference range).
+NOVEL_RANGES = {
+    "anemia": (4.5, 11.4), "hyperkalemia": (5.6, 8.2), "hypokalemia": (1.8, 3.2),
+    "hyponatremia": (105, 131), "hyperglycemia": (7.0, 28.0), "renal_impairment": (140, 900),
+    "hypothyroidism": (6.0, 60.0), "hyperthyroidism": (0.01, 0.2), "hepatic_cytolysis": (110, 1500),
+    "thrombocytopenia": (5, 125), "leukocytosis": (12.5, 45.0),
+}
+
+
+def _decisive(record):
+    """The lines that decide a panel's label: the abnormal one, or every line of a normal
+    panel (its label rests on all of them being in range)."""
+    lines = record["input"].split("\n")
+    if record["label"] == "normal":
+        return {tuple(lines)}
+    target = ANALYTES[FINDINGS[record["label"]][0]][0][LANGS.index(record["lang"])]
+    return {line for line in lines if line.startswith(target + ":")}
+
+
+def make_labs_novel(rng, labs):
+    """N_NOVEL lab panels (balanced labels, both languages) that recall of `labs` cannot
+    answer: the decisive value of each (its abnormal analyte's line; every line of a normal
+    panel) appears in no panel of `labs` nor in another novel panel. Abnormal values come
+    from NOVEL_RANGES (training's range widened), drawn again while seen."""
+    seen = set().union(*(_decisive(r) for r in labs))
+    labels = list(FINDINGS)
+    records = []
+    for i in range(N_NOVEL):
+        label, li = labels[i % len(labels)], (i // len(labels)) % 2
+        for _ in range(10_000):
+            rec = make_lab(rng, label, li, NOVEL_RANGES.get(label))
+            if not _decisive(rec) & seen:
+                break
+        else:
+            raise RuntimeError(f"no novel panel for {label} in 10,000 draws")
+        seen |= _decisive(rec)
+        records.append({"id": f"labs-novel-{i + 1:04d}", **rec})
+    rng.shuffle(records)
+    return records
+
+
 def write_jsonl(path, records):
     """One JSON object per line, UTF-8, keys in insertion order, '\\n' line ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -905,6 +955,10 @@ def main():
         records = make(random.Random(SEED + seed_offset))
         write_jsonl(out / f"{name}.jsonl", records)
         print(f"{out / name}.jsonl: {len(records)} records")
+        if name == "labs":
+            novel = make_labs_novel(random.Random(SEED + 3), records)
+            write_jsonl(out / "heldout" / "labs_novel.jsonl", novel)
+            print(f"{out}/heldout/labs_novel.jsonl: {len(novel)} records")
 
 
 if __name__ == "__main__":

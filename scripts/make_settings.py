@@ -27,6 +27,7 @@ CLASSES = {
     "": "Params",
     "data": "DataParams",
     "data.sources[i]": "Source",
+    "data.heldout_sources[i]": "Source",
     "model": "ModelParams",
     "quantization": "QuantizationParams",
     "lora": "LoraParams",
@@ -180,7 +181,16 @@ from medqlora.core.settings_methods import {", ".join(sorted(METHODS.values()))}
 
 def render(schema: dict) -> str:
     """The text of medqlora/core/settings.py for `schema`."""
-    return HEADER + "".join(f"\n\n{render_class(*c)}" for c in classes(schema))
+    # A class used at several paths (data.sources[i], data.heldout_sources[i]) is written once,
+    # with the first path's docstring; the schema must give it the same keys everywhere.
+    first: dict[str, dict] = {}
+    for path, name, node in classes(schema):
+        if name in first and first[name]["properties"] != node["properties"]:
+            raise SchemaError(f"{path}: class {name} is used with other keys elsewhere; give it "
+                              "its own name in CLASSES")
+        first.setdefault(name, {"path": path, **node})
+    return HEADER + "".join(f"\n\n{render_class(node.pop('path'), name, node)}"
+                            for name, node in first.items())
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ def test_settings_py_is_what_the_schema_generates():
 
 def test_every_object_of_the_schema_has_its_class():
     found = [(path, name) for path, name, _ in make_settings.classes(SCHEMA)]
-    assert found == [("data.sources[i]", "Source"), ("data", "DataParams"),
+    assert found == [("data.sources[i]", "Source"), ("data.heldout_sources[i]", "Source"),
+                     ("data", "DataParams"),
                      ("model", "ModelParams"), ("quantization", "QuantizationParams"),
                      ("lora", "LoraParams"), ("train.fast_path", "FastPathParams"),
                      ("train", "TrainParams"), ("evaluate.benchmarks[i]", "BenchmarkParams"),

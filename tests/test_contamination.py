@@ -39,7 +39,7 @@ def _example(source, question, answer, kind="qa", options=None, explanation=None
 
 def _data(mode="warn", threshold=0.5):
     from medqlora.core.config import DataParams
-    return DataParams(sources=(), on_invalid="error", max_errors_reported=50, val_fraction=0.1,
+    return DataParams(sources=(), heldout_sources=(), on_invalid="error", max_errors_reported=50, val_fraction=0.1,
                       test_fraction=0.1, max_seq_length=256, overlength="truncate",
                       packing=False, system_prompt="", phi="error", on_contamination=mode,
                       contamination_threshold=threshold)

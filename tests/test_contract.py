@@ -170,13 +170,14 @@ def test_prepare_view_reads_only_what_dvc_yaml_declares():
         view.train
     # raw (what meta.json records) holds the declared part only, and refuses the rest.
     assert set(view.raw) == {"data", "model"}
-    assert set(view.raw["model"]) == {"base", "revision", "trust_remote_code"}
+    assert set(view.raw["model"]) == {"base", "gguf_file", "revision", "trust_remote_code"}
     with pytest.raises(contract.UndeclaredParams, match="model.attn_implementation"):
         view.raw["model"]["attn_implementation"]
     with pytest.raises(contract.UndeclaredParams, match="lora"):
         view.raw.get("lora")
     assert json.loads(json.dumps(view.raw))["model"] == {
-        "base": "models/tiny-med-llama", "revision": None, "trust_remote_code": False}
+        "base": "models/tiny-med-llama", "gguf_file": None, "revision": None,
+        "trust_remote_code": False}
     with pytest.raises(contract.UndeclaredParams, match="quantization"):
         view.section("data", "quantization")
     with pytest.raises(KeyError):  # not a params key at all: an ordinary KeyError

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -149,22 +150,28 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
                                  tmp / "predictions", tmp / "metrics" / "evaluate.json")
     assert json.loads((tmp / "metrics" / "evaluate.json").read_text()) == result
     assert set(result) == {"n", "n_diagnostic", "n_option_scored", "n_generated",
-                           "n_answer_tokens", "base", "adapter", "delta", "generation"}
+                           "n_answer_tokens", "base", "adapter", "delta", "delta_ci95",
+                           "generation"}
     assert result["n"] == MAX_EXAMPLES and result["n_diagnostic"] == 4
     assert result["n_option_scored"] == 2 and result["n_generated"] == 4
-    keys = {"perplexity", "bleu", "bleu_ci95", "rouge_l", "diagnostic_accuracy",
-            "diagnostic_accuracy_ci95", "parse_failure_rate"}
+    keys = {*evaluation.SCALARS, *(f"{k}_ci95" for k in evaluation.SCALARS), "stopped_by_eos"}
     for name in ("base", "adapter"):
         block = result[name]
         assert set(block) == keys
         assert math.isfinite(block["perplexity"]) and block["perplexity"] > 1.0
-        lo, hi = block["bleu_ci95"]
-        assert 0.0 <= lo <= hi <= 100.0
-        lo, hi = block["diagnostic_accuracy_ci95"]
-        assert 0.0 <= lo <= block["diagnostic_accuracy"] <= hi <= 1.0
+        for key in evaluation.SCALARS:   # each interval holds its point estimate
+            lo, hi = block[f"{key}_ci95"]
+            assert lo <= block[key] <= hi, key
+        assert 0.0 <= block["bleu_ci95"][0] and block["bleu_ci95"][1] <= 100.0
+        assert 0.0 <= block["diagnostic_accuracy_ci95"][0]
+        assert block["diagnostic_accuracy_ci95"][1] <= 1.0
         assert 0.0 <= block["parse_failure_rate"] <= 1.0
+        # a share of the 4 generated answers (the tiny base meets eos within 6 tokens in some)
+        assert block["stopped_by_eos"] * 4 == int(block["stopped_by_eos"] * 4)
     assert result["base"] == result["adapter"]
     assert result["delta"] == {k: 0.0 for k in evaluation.SCALARS}
+    # paired: the same resampled items give the same difference, 0, on every resample
+    assert result["delta_ci95"] == {k: [0.0, 0.0] for k in evaluation.SCALARS}
     assert result["generation"]["max_new_tokens"] == 6
     assert result["generation"]["decoding"] == "greedy"
 
@@ -263,3 +270,31 @@ def test_option_letters_must_hold_the_answer(fixture_dirs):
     with pytest.raises(ValueError, match=r"mcq answer 'E' is not among the option lines "
                                          r"\['A', 'B', 'C', 'D'\]"):
         evaluation.option_continuations(row)
+
+
+def _scored(correct, parsed, rouge, method="generation"):
+    return {"method": method, "correct": correct, "parsed": parsed, "rouge_l": rouge,
+            "bleu": None}
+
+
+def test_paired_intervals_and_stops_from_item_columns():
+    """Hand-made items: two generated lab answers (one right), one mcq scored by likelihood."""
+    rows = [{"reference": "Finding: anemia"}, {"reference": "Finding: hyperkalemia"},
+            {"reference": "Answer: B"}]
+    base = evaluation.item_arrays(
+        rows, ["Finding: anemia", "no idea", "Answer: A"],
+        [_scored(True, "anemia", 1.0), _scored(False, None, 0.0),
+         _scored(False, "A", None, "option_loglik")],
+        [(2.0, 2), (6.0, 2), (1.0, 1)], [True, False, None])
+    summary = evaluation.summarise(base, {k: [0.0, 1.0] for k in evaluation.SCALARS})
+    assert summary["perplexity"] == pytest.approx(math.exp(9.0 / 5))
+    assert summary["diagnostic_accuracy"] == pytest.approx(1 / 3)   # 1 of 2 labs + 0 of 1 mcq
+    assert summary["parse_failure_rate"] == 0.5                      # 1 of the 2 parsed items
+    assert summary["rouge_l"] == 0.5 and summary["stopped_by_eos"] == 0.5
+    adapter = dict(base, correct=np.array([True, True, True]))
+    per_model, paired = evaluation.intervals({"base": base, "adapter": adapter}, 300, 0)
+    lo, hi = paired["diagnostic_accuracy"]
+    assert 0.0 <= lo <= 2 / 3 <= hi <= 1.0       # the adapter never does worse on an item
+    assert paired["perplexity"] == [0.0, 0.0]    # same NLLs: no difference on any resample
+    assert per_model["adapter"]["diagnostic_accuracy"] == [1.0, 1.0]
+    assert evaluation.intervals({"base": base, "adapter": adapter}, 300, 0) == (per_model, paired)

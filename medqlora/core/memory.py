@@ -404,7 +404,12 @@ def estimate_merge(arch: Arch, setup: Setup, prompt_tokens: int) -> Estimate:
 # ---------------------------------------------------------------- config, device, report
 
 def read_model_config(model) -> dict[str, Any]:
-    """config.json of model.base: a local folder, or the HF cache for a hub id (offline)."""
+    """config.json of model.base: a local folder (a GGUF's materialised one), or the HF cache
+    for a hub id (offline)."""
+    if model.gguf_file:
+        from medqlora.core.gguf import materialise
+        folder = materialise(model.base, model.gguf_file)
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     local = Path(model.base) / "config.json"
     if local.is_file():
         return json.loads(local.read_text(encoding="utf-8"))

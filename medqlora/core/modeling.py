@@ -81,6 +81,15 @@ def bnb_config(quant: QuantizationParams, compute_dtype: torch.dtype):
     )
 
 
+def base_source(model: ModelParams) -> str:
+    """What from_pretrained loads for `model.base`: the folder or hub id itself, or, with
+    model.gguf_file, the checkpoint materialised from that GGUF (medqlora.core.gguf)."""
+    if model.gguf_file:
+        from medqlora.core.gguf import materialise
+        return str(materialise(model.base, model.gguf_file))
+    return model.base
+
+
 def _source(model: ModelParams) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if model.revision and not model.is_local:
@@ -107,7 +116,7 @@ def _with_pad(tokenizer):
 def load_tokenizer(model: ModelParams):
     """The base's tokenizer, with a pad token (eos when the base has none)."""
     from transformers import AutoTokenizer
-    return _with_pad(AutoTokenizer.from_pretrained(model.base, **_source(model)))
+    return _with_pad(AutoTokenizer.from_pretrained(base_source(model), **_source(model)))
 
 
 def saved_tokenizer(folder: str | Path, model: ModelParams):
@@ -132,7 +141,7 @@ def load_base(model: ModelParams, quant: QuantizationParams, precision: Precisio
     from transformers import AutoModelForCausalLM
     config = bnb_config(quant, precision.compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(
-        model.base,
+        base_source(model),
         quantization_config=config,
         dtype=precision.compute_dtype,
         device_map=device_map(precision),
@@ -140,7 +149,8 @@ def load_base(model: ModelParams, quant: QuantizationParams, precision: Precisio
         **_source(model),
     )
     base.config.use_cache = False
-    log.info("loaded base %s (%s, %s on %s)", model.base,
+    log.info("loaded base %s%s (%s, %s on %s)", model.base,
+             f"/{model.gguf_file}" if model.gguf_file else "",
              f"4-bit {quant.bnb_4bit_quant_type}" if config else "not quantized",
              str(precision.compute_dtype).removeprefix("torch."), precision.device)
     return base
@@ -229,7 +239,10 @@ def settings_from_meta(meta: dict[str, Any]) -> LoadSettings:
     """
     from dataclasses import fields, replace
     params = meta["params"]
-    model = ModelParams(**{f.name: params["model"][f.name] for f in fields(ModelParams)})
+    recorded = params["model"]
+    model = ModelParams(**{"gguf_file": None,   # meta.json written before GGUF bases existed
+                           **{f.name: recorded[f.name] for f in fields(ModelParams)
+                              if f.name in recorded}})
     quant = QuantizationParams(**{f.name: params["quantization"][f.name]
                                   for f in fields(QuantizationParams)})
     trained = meta.get("precision", {})

@@ -36,6 +36,13 @@ class DataParams:
     them."""
     sources: tuple[Source, ...]
     """Raw record files. Several sources are combined in order."""
+    heldout_sources: tuple[Source, ...]
+    """Record files for a held-out evaluation set only: never split, never trained on,
+    deduplicated against data.sources (a record equal to a source record is dropped from it),
+    written to heldout.parquet and scored by evaluate beside the test split. For an evaluation
+    that recall of train cannot answer (e.g. data/raw/heldout/labs_novel.jsonl: lab panels whose
+    prompts share no word 8-gram with data/raw/labs.jsonl); prepare reports its overlap with
+    train. Empty: no held-out set."""
     on_invalid: str
     """error: list every invalid record (file:line: reason) and write nothing. skip: write
     rejected records with their reasons to the rejects file and count them."""
@@ -82,6 +89,13 @@ class ModelParams(ModelMethods):
     revision: str | None
     """Hub commit (40 hex digits) to pin a hub id to; required for hub ids so a retrain months
     later uses the same weights. Ignored for local folders."""
+    gguf_file: str | None
+    """A GGUF file inside the local folder model.base to use as the base (e.g.
+    SmolLM2-135M-Instruct.Q4_1.gguf): loaded the way transformers loads GGUF (weights
+    dequantized, tokenizer and chat template from the file's metadata), materialised once as
+    safetensors under .cache/medqlora/gguf/<sha256>/ (MEDQLORA_CACHE moves it), and the file's
+    sha256 recorded in meta.json and the package lineage. null: model.base holds a transformers
+    checkpoint."""
     trust_remote_code: bool
     """Allow model code from the hub to run. Leave false unless you have read that code."""
     attn_implementation: str

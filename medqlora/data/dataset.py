@@ -48,18 +48,21 @@ from medqlora.core.provenance import write_meta
 from medqlora.data import phi as phi_scan
 from medqlora.data.contamination import overlaps
 from medqlora.data.records import DataError, Example, Reject, read_records
-from medqlora.data.templates import format_messages, template_name
+from medqlora.data.templates import end_of_turn_id, format_messages, template_name
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+HELDOUT = "heldout"   # data.heldout_sources: evaluated only, never split or trained on
 ANSWER_WORD = {"fr": "Réponse :"}  # "Answer:" otherwise
 IGNORE = -100
 
 
 # ---------------------------------------------------------------- 1. read
 
-def collect(data: DataParams, root: str | Path = ".") -> tuple[list[Example], list[Reject], int]:
-    """Valid examples, rejects and the number of records read, over all sources in order.
+def collect(data: DataParams, root: str | Path = ".", sources=None
+            ) -> tuple[list[Example], list[Reject], int]:
+    """Valid examples, rejects and the number of records read, over all sources in order
+    (`sources`: other files read by the same rules, e.g. data.heldout_sources).
 
     Raises DataError for files that cannot be read at all, and, with on_invalid=error, for any
     invalid record (all of them listed, up to data.max_errors_reported).
@@ -67,7 +70,7 @@ def collect(data: DataParams, root: str | Path = ".") -> tuple[list[Example], li
     examples: list[Example] = []
     rejects: list[Reject] = []
     problems: list[str] = []
-    for source in data.sources:
+    for source in data.sources if sources is None else sources:
         before = len(examples), len(rejects)
         try:
             for item in read_records(source, root):
@@ -267,13 +270,15 @@ def contamination_report(splits: dict[str, list[Example]], data: DataParams,
     report: dict[str, Any] = {"ngram": n, "content_only": True,
                               "threshold": data.contamination_threshold}
     flagged = []
-    for name in ("val", "test"):
+    for name in [s for s in ("val", "test", HELDOUT) if s in splits]:
         shares = overlaps([content_text(e) for e in splits[name]], train, n)
         over = [(e, o) for e, o in zip(splits[name], shares) if o > data.contamination_threshold]
-        report[name] = {"items": len(shares), "items_with_overlap": sum(o > 0 for o in shares),
-                        "mean_overlap": round(sum(shares) / len(shares), 4) if shares else 0.0,
-                        "max_overlap": round(max(shares, default=0.0), 4),
-                        "over_threshold": len(over)}
+        report[name] = _overlap_stats(shares)
+        report[name]["over_threshold"] = len(over)
+        if name == HELDOUT:   # what recall would need: the prompt's own words seen in train
+            prompts = overlaps([prompt_key(e) for e in splits[name]],
+                               [prompt_key(e) for e in splits["train"]], n)
+            report[name]["prompt"] = _overlap_stats(prompts)
         flagged += [f"{e.source}: {name} item shares {o:.0%} of its {n}-grams with train"
                     for e, o in over]
     if flagged and data.on_contamination == "error":
@@ -286,6 +291,12 @@ def contamination_report(splits: dict[str, list[Example]], data: DataParams,
                     "with train (content only); see metrics/prepare.json", len(flagged),
                     100 * data.contamination_threshold, n)
     return report
+
+
+def _overlap_stats(shares: list[float]) -> dict[str, Any]:
+    return {"items": len(shares), "items_with_overlap": sum(o > 0 for o in shares),
+            "mean_overlap": round(sum(shares) / len(shares), 4) if shares else 0.0,
+            "max_overlap": round(max(shares, default=0.0), 4)}
 
 
 def check_splits(splits: dict[str, list], rows: dict[str, list], data: DataParams,
@@ -317,6 +328,10 @@ def check_splits(splits: dict[str, list], rows: dict[str, list], data: DataParam
                    f"{fraction}, about {fraction * kept:.1f} expected); raise "
                    f"data.{name}_fraction or add records")
         problems.append(f"{out_dir / (name + '.parquet')}: the {name} split would be empty: {why}")
+    if HELDOUT in rows and not rows[HELDOUT]:
+        problems.append(f"{out_dir / 'heldout.parquet'}: data.heldout_sources left no row "
+                        f"({len(splits[HELDOUT])} kept after deduplication against data.sources; "
+                        "each must fit data.max_seq_length)")
     if problems:
         raise DataError(problems)
 
@@ -335,8 +350,9 @@ def load_tokenizer(params: Params):
 
 def encode(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, answer_ids) per example: prompt with bos when the tokenizer adds one
-    itself (so train matches `tokenizer(prompt)` at inference), answer + eos."""
-    bos = tokenizer.bos_token_id
+    itself (so train matches `tokenizer(prompt)` at inference), answer + the end-of-turn
+    token (templates.end_of_turn_id: the chat template's, else eos)."""
+    bos, end = tokenizer.bos_token_id, end_of_turn_id(tokenizer)
     adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
@@ -344,7 +360,7 @@ def encode(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list
     for p, a in zip(prompt_ids, answer_ids):
         if adds_bos and p[:1] != [bos]:
             p = [bos] + p
-        out.append((list(p), list(a) + [tokenizer.eos_token_id]))
+        out.append((list(p), list(a) + [end]))
     return out
 
 
@@ -454,16 +470,25 @@ def prepare(params: Params, out_dir: str | Path, metrics_path: str | Path,
     """Run steps 1-7; returns the metrics. Raises DataError having written nothing."""
     data = params.data
     examples, rejects, records_in = collect(data, root)
+    heldout: list[Example] = []
+    if data.heldout_sources:
+        heldout, more_rejects, more_in = collect(data, root, data.heldout_sources)
+        rejects, records_in = rejects + more_rejects, records_in + more_in
+    held = {id(e) for e in heldout}
+    examples += heldout   # after the sources: a held-out record equal to one of them is dropped
     raw_keys = [_raw_key(e) for e in examples]
     for example in examples:
         _map_texts(example, normalise)
     phi_counts = apply_phi(examples, data.phi, data.max_errors_reported)
     examples, dupes = dedupe(examples, raw_keys)
-    splits, leakage = assign_splits(examples, data.val_fraction, data.test_fraction)
+    splits, leakage = assign_splits([e for e in examples if id(e) not in held],
+                                    data.val_fraction, data.test_fraction)
+    if data.heldout_sources:
+        splits[HELDOUT] = [e for e in examples if id(e) in held]
     contamination = contamination_report(splits, data)
     tokenizer = load_tokenizer(params)
     counts: Counter = Counter(truncated=0, dropped_overlength=0)
-    rows = {name: build_rows(splits[name], name, tokenizer, data, counts) for name in SPLITS}
+    rows = {name: build_rows(splits[name], name, tokenizer, data, counts) for name in splits}
     check_splits(splits, rows, data, Path(out_dir))
     metrics = {
         "records_in": records_in, "rejected": len(rejects),
@@ -471,16 +496,17 @@ def prepare(params: Params, out_dir: str | Path, metrics_path: str | Path,
         "duplicates": dupes["exact"] + dupes["normalised"], "duplicates_exact": dupes["exact"],
         "duplicates_normalised": dupes["normalised"],
         "truncated": counts["truncated"], "dropped_overlength": counts["dropped_overlength"],
-        "splits": {name: len(rows[name]) for name in SPLITS}, "leakage": leakage, "phi": phi_counts,
+        "splits": {name: len(rows[name]) for name in rows}, "leakage": leakage, "phi": phi_counts,
         "contamination": contamination,
-        "length": percentiles([r["length"] for name in SPLITS for r in rows[name]]),
-        "kinds": dict(sorted(Counter(r["kind"] for n in SPLITS for r in rows[n]).items())),
+        "length": percentiles([r["length"] for name in rows for r in rows[name]]),
+        "kinds": dict(sorted(Counter(r["kind"] for n in rows for r in rows[n]).items())),
     }
     _write(params, out_dir, rows, rejects, metrics, tokenizer, root)
     write_json(metrics_path, metrics)
     log.info("prepare: %d records in, %d rejected, %d duplicates, %d truncated, %d dropped; "
-             "train/val/test %d/%d/%d", records_in, len(rejects), metrics["duplicates"],
-             counts["truncated"], counts["dropped_overlength"], *metrics["splits"].values())
+             "train/val/test%s %s", records_in, len(rejects), metrics["duplicates"],
+             counts["truncated"], counts["dropped_overlength"],
+             "/heldout" if HELDOUT in rows else "", "/".join(map(str, metrics["splits"].values())))
     return metrics
 
 
@@ -489,7 +515,7 @@ def _write(params: Params, out_dir: str | Path, rows: dict[str, list], rejects: 
     """Everything under out_dir, built in a temporary sibling and renamed at the end."""
     data = params.data
     with atomic_dir(out_dir) as tmp:
-        for name in SPLITS:
+        for name in rows:
             write_parquet(tmp / f"{name}.parquet", rows[name])
         if data.packing:
             packed = pack(rows["train"], data.max_seq_length)
@@ -502,15 +528,17 @@ def _write(params: Params, out_dir: str | Path, rows: dict[str, list], rejects: 
                                              "message": r.message}, ensure_ascii=False) + "\n")
         write_meta(tmp, stage="prepare",
                    params={"data": params.raw["data"],
-                           "model": {k: params.raw["model"][k]
-                                     for k in ("base", "revision", "trust_remote_code")}},
-                   inputs={s.path: Path(root) / s.path for s in data.sources},
+                           "model": {k: params.raw["model"][k] for k in
+                                     ("base", "gguf_file", "revision", "trust_remote_code")}},
+                   inputs={s.path: Path(root) / s.path
+                           for s in (*data.sources, *data.heldout_sources)},
                    extra={"counts": metrics, "template": template_name(tokenizer),
                           "tokenizer": {"name": params.model.base,
                                         "revision": params.model.revision,
                                         "vocab_size": len(tokenizer),
                                         "bos_token_id": tokenizer.bos_token_id,
                                         "eos_token_id": tokenizer.eos_token_id,
+                                        "end_of_turn_id": end_of_turn_id(tokenizer),
                                         "pad_token_id": tokenizer.pad_token_id},
                           "max_seq_length": data.max_seq_length, "packing": data.packing})
 

@@ -11,6 +11,11 @@ With a tokenizer that ships a chat template, the prompt is that template applied
 The prompt ends exactly where the answer begins, so prepare can tokenise prompt and answer
 separately and mask the prompt's tokens, and evaluate/merge/generate see the same text the
 model was trained on.
+
+The answer ends with the token that closes an assistant turn in the chat template
+(`end_of_turn_id`: `<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3), else eos; training
+puts it in the labels and decoding stops on it (`stop_ids`), so a model learns to stop where
+its template says a turn ends, and stops there in every engine.
 """
 from __future__ import annotations
 
@@ -69,3 +74,32 @@ def format_messages(tokenizer: Any, messages: list[dict[str, str]], system: str 
         else:  # an earlier assistant answer closes the block it answers
             blocks.append(f"{message['content']}\n\n")
     return "".join(blocks)
+
+
+_SENTINEL = "medqlora-answer-sentinel"
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn: the first special token the chat template puts
+    after an answer (ChatML: <|im_end|>), else eos (also when the template closes turns with
+    plain text, or has no chat template)."""
+    if has_chat_template(tokenizer):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}],
+                tokenize=False)
+        except Exception:  # noqa: BLE001 - jinja raises TemplateError (or ValueError) by template
+            text = ""
+        if _SENTINEL in text:
+            tail = text.split(_SENTINEL, 1)[1]
+            special = set(tokenizer.all_special_ids)
+            for token in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+                if token in special:
+                    return token
+    return tokenizer.eos_token_id
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer when decoding: eos and the end-of-turn token."""
+    return list(dict.fromkeys(i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer))
+                              if i is not None))

@@ -19,7 +19,13 @@ weights, so switching it off *is* the base, at half the memory of a second copy)
   BLEU and ROUGE-L F1; lab items' diagnostic answers are parsed from the text
   (medqlora.evaluate.metrics.parse_answer documents the rule; no parseable answer counts as wrong and
   as a parse failure);
-- bootstrap 95% intervals for BLEU and accuracy (seeded, items resampled).
+- bootstrap 95% intervals (seeded, items resampled) of every metric, and of the adapter's
+  difference from the base on the same resampled items (paired: `delta_ci95`);
+- the share of generated answers that ended by end-of-sequence / end-of-turn rather than by
+  reaching max_new_tokens (`stopped_by_eos`).
+
+Sets: the test split, and the held-out set when prepare wrote one (data.heldout_sources:
+evaluated only, never trained on); each gets its block, the test split's at the top level.
 
 Why options by likelihood: generating 512 tokens to read one letter is most of evaluate's
 cost at 7B, and parsing free text adds failures unrelated to knowledge; the likelihood ranks
@@ -38,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from medqlora.core.config import Params
@@ -55,15 +62,18 @@ IGNORE = -100
 NLL_TOKENS = EVAL_NLL_TOKENS
 OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)  # dataset.user_text: "B. <option>"
 SCALARS = ("perplexity", "bleu", "rouge_l", "diagnostic_accuracy", "parse_failure_rate")
+HELDOUT = "heldout"
 
 
 # ---------------------------------------------------------------- inputs
 
 
-def load_test(data_dir: str | Path, max_examples: int | None = None) -> list[dict[str, Any]]:
-    """Test rows sorted by id, the first `max_examples` of them (deterministic first N)."""
+def load_test(data_dir: str | Path, max_examples: int | None = None,
+              split: str = "test") -> list[dict[str, Any]]:
+    """Rows of a split (test, or the held-out set) sorted by id, the first `max_examples`
+    of them (deterministic first N)."""
     import pandas as pd
-    path = Path(data_dir) / "test.parquet"
+    path = Path(data_dir) / f"{split}.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
     frame = pd.read_parquet(path).sort_values("id", kind="stable")
@@ -214,43 +224,95 @@ def score_outputs(rows: Sequence[dict[str, Any]], outputs: Sequence[str]
     return items
 
 
-def summarise(rows: Sequence[dict[str, Any]], outputs: Sequence[str | None],
-              items: Sequence[dict[str, Any]], nll: Sequence[tuple[float, int]],
-              samples: int, seed: int) -> dict[str, Any]:
-    """One model's metrics block of metrics/evaluate.json.
+def item_arrays(rows: Sequence[dict[str, Any]], outputs: Sequence[str | None],
+                items: Sequence[dict[str, Any]], nll: Sequence[tuple[float, int]],
+                stopped: Sequence[bool | None]) -> dict[str, np.ndarray]:
+    """Per-item columns every metric is a function of, so a resample of items recomputes any
+    metric by indexing: NLL sums and counts, BLEU statistics (generated items), ROUGE-L,
+    correctness (diagnostic items), parse failures (parsed items), stops by eos."""
+    n = len(rows)
+    gen = np.array([it["method"] == "generation" for it in items])
+    stats = np.zeros((n, 10), dtype=np.int64)
+    if gen.any():
+        idx = np.flatnonzero(gen)
+        stats[idx] = metrics.bleu_statistics([outputs[i] for i in idx],
+                                             [rows[i]["reference"] for i in idx])
+    diag = np.array([it["correct"] is not None for it in items])
+    return {"nll": np.array([s for s, _ in nll], dtype=float),
+            "count": np.array([c for _, c in nll], dtype=float),
+            "gen": gen, "bleu_stats": stats,
+            "rouge": np.array([it["rouge_l"] if it["rouge_l"] is not None else 0.0
+                               for it in items], dtype=float),
+            "diag": diag, "correct": np.array([bool(it["correct"]) for it in items]),
+            "parsed_item": diag & gen,
+            "parse_failed": np.array([it["parsed"] is None for it in items]),
+            "stopped": np.array([bool(s) for s in stopped])}
+
+
+def metric_values(a: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, float | None]:
+    """Every scalar metric over the items `idx` (with repeats: a bootstrap resample)."""
+    gen, diag, parsed = a["gen"][idx], a["diag"][idx], a["parsed_item"][idx]
+    count = a["count"][idx].sum()
+    return {
+        "perplexity": math.exp(a["nll"][idx].sum() / count) if count else None,
+        "bleu": metrics.bleu_from_statistics(a["bleu_stats"][idx][gen]) if gen.any() else None,
+        "rouge_l": float(a["rouge"][idx][gen].mean()) if gen.any() else None,
+        "diagnostic_accuracy": float(a["correct"][idx][diag].mean()) if diag.any() else None,
+        "parse_failure_rate": (float(a["parse_failed"][idx][parsed].mean())
+                               if parsed.any() else None),
+    }
+
+
+def intervals(arrays: dict[str, dict[str, np.ndarray]], samples: int, seed: int,
+              level: float = 0.95) -> tuple[dict[str, dict], dict[str, list[float] | None]]:
+    """Percentile bootstrap intervals of each model's metrics and, when base and adapter were
+    both scored, of adapter minus base, both from the same resampled items (paired): an
+    interval of the difference that excludes 0 is a difference the items support. Seeded:
+    the same intervals on every run."""
+    n = len(next(iter(arrays.values()))["nll"])
+    draws = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    values = {name: [metric_values(a, idx) for idx in draws] for name, a in arrays.items()}
+    tail = (1.0 - level) / 2 * 100
+
+    def ci(samples_of: list[float | None]) -> list[float] | None:
+        kept = [v for v in samples_of if v is not None]
+        if len(kept) < len(samples_of) / 2:   # the metric is undefined on most resamples
+            return None
+        lo, hi = np.percentile(kept, [tail, 100 - tail])
+        return [float(lo), float(hi)]
+
+    per_model = {name: {k: ci([v[k] for v in vals]) for k in SCALARS}
+                 for name, vals in values.items()}
+    paired = {}
+    if {"base", "adapter"} <= set(values):
+        paired = {k: ci([None if b[k] is None or a[k] is None else a[k] - b[k]
+                         for b, a in zip(values["base"], values["adapter"])]) for k in SCALARS}
+    return per_model, paired
+
+
+def summarise(a: dict[str, np.ndarray], cis: dict[str, list[float] | None]) -> dict[str, Any]:
+    """One model's metrics block of metrics/evaluate.json: each metric with its `_ci95`, and
+    the share of generated answers that stopped by eos.
 
     BLEU and ROUGE-L cover the generated items; diagnostic accuracy covers mcq (option
     likelihood) and lab (parsed) items; the parse failure rate covers the parsed ones.
     """
-    generated = [(row["reference"], text) for row, text, item in zip(rows, outputs, items)
-                 if item["method"] == "generation"]
-    refs, hyps = [r for r, _ in generated], [h for _, h in generated]
-    diag = [it for it in items if it["correct"] is not None]
-    parsed = [it for it in diag if it["method"] == "generation"]
-    summary: dict[str, Any] = {
-        "perplexity": metrics.perplexity(sum(s for s, _ in nll), sum(c for _, c in nll)),
-        "bleu": metrics.corpus_bleu(hyps, refs) if hyps else None,
-        "bleu_ci95": metrics.bleu_ci(hyps, refs, samples, seed) if hyps else None,
-        "rouge_l": (sum(it["rouge_l"] for it in items if it["method"] == "generation")
-                    / len(hyps)) if hyps else None,
-        "diagnostic_accuracy": None, "diagnostic_accuracy_ci95": None,
-        "parse_failure_rate": None,
-    }
-    if diag:
-        correct = [bool(it["correct"]) for it in diag]
-        summary["diagnostic_accuracy"] = sum(correct) / len(correct)
-        summary["diagnostic_accuracy_ci95"] = metrics.accuracy_ci(correct, samples, seed)
-    if parsed:
-        summary["parse_failure_rate"] = sum(it["parsed"] is None for it in parsed) / len(parsed)
+    summary: dict[str, Any] = {}
+    for key, value in metric_values(a, np.arange(len(a["nll"]))).items():
+        summary[key] = value
+        summary[f"{key}_ci95"] = cis[key] if value is not None else None
+    gen = a["gen"]
+    summary["stopped_by_eos"] = float(a["stopped"][gen].mean()) if gen.any() else None
     return summary
 
 
-def run_model(model, tokenizer, rows, settings: GenerationSettings, samples: int
-              ) -> tuple[dict[str, Any], list[str | None], list[dict[str, Any]]]:
-    """(summary, outputs, per-item scores) of whatever `model` currently computes.
+def run_model(model, tokenizer, rows, settings: GenerationSettings
+              ) -> tuple[dict[str, np.ndarray], list[str | None], list[dict[str, Any]]]:
+    """(per-item arrays, outputs, per-item scores) of whatever `model` currently computes.
 
     An mcq item's output is the continuation it chose ("Answer: B"); the others' is the text
-    generated.
+    generated. A generated answer shorter than max_new_tokens stopped by eos (generation
+    cuts each row at its first eos or end-of-turn token).
     """
     clock = time.perf_counter()
     nll = answer_nll(model, rows, settings.batch_size, tokenizer.pad_token_id)
@@ -270,8 +332,11 @@ def run_model(model, tokenizer, rows, settings: GenerationSettings, samples: int
                           settings) if generate else []
     seconds["generation"] = time.perf_counter() - clock
     texts = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
-    for i, text, item in zip(generate, texts, score_outputs([rows[i] for i in generate], texts)):
+    stopped: list[bool | None] = [None] * len(rows)
+    for i, text, item, tokens in zip(generate, texts,
+                                     score_outputs([rows[i] for i in generate], texts), new):
         outputs[i], items[i] = text, item
+        stopped[i] = len(tokens) < settings.max_new_tokens
     # Timings go to the log only: metrics files stay a function of the inputs.
     log.info("timing: answer NLL %.1f s (%d rows); options %.1f s (%d mcq); generation %.1f s "
              "(%d prompts, %d new tokens, %.0f tokens/s)", seconds["nll"], len(rows),
@@ -279,7 +344,7 @@ def run_model(model, tokenizer, rows, settings: GenerationSettings, samples: int
              sum(map(len, new)), sum(map(len, new)) / max(seconds["generation"], 1e-9))
     for item, (s, c) in zip(items, nll):
         item["perplexity"] = math.exp(s / c) if c else None
-    return summarise(rows, outputs, items, nll, samples, settings.seed), outputs, items
+    return item_arrays(rows, outputs, items, nll, stopped), outputs, items
 
 
 def delta(base: dict[str, Any], adapter: dict[str, Any]) -> dict[str, float | None]:
@@ -304,41 +369,63 @@ def prediction_rows(rows, outputs: dict[str, list[str] | None],
     return out
 
 
-def evaluate(params: Params, data_dir: str | Path, adapter_dir: str | Path,
-             predictions_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
-    """Score base and base + adapter; write predictions/ and the metrics JSON; return it."""
-    cfg = params.evaluate
-    settings = GenerationSettings.from_params(cfg, params.seed)
-    rows = load_test(data_dir, cfg.max_examples)
-    model, tokenizer, meta = load_models(adapter_dir)
-    summaries: dict[str, Any] = {"base": None}
+def score_set(model, tokenizer, rows, settings: GenerationSettings, compare_base: bool,
+              samples: int, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics block, prediction rows) of one set: base (adapter switched off) and adapter."""
+    arrays: dict[str, Any] = {}
     outputs: dict[str, Any] = {"base": None}
     items: dict[str, Any] = {"base": None}
-    runs = (("base", model.disable_adapter), ) if cfg.compare_base else ()
-    for name, context in (*runs, ("adapter", contextlib.nullcontext)):
+    runs = (("base", model.disable_adapter), ) if compare_base else ()
+    for model_name, context in (*runs, ("adapter", contextlib.nullcontext)):
         with context():
-            summaries[name], outputs[name], items[name] = run_model(
-                model, tokenizer, rows, settings, cfg.bootstrap_samples)
-        log.info("%s: perplexity %.3f, BLEU %s, ROUGE-L %s, diagnostic accuracy %s",
-                 name, summaries[name]["perplexity"], summaries[name]["bleu"],
-                 summaries[name]["rouge_l"], summaries[name]["diagnostic_accuracy"])
-    result = {
+            arrays[model_name], outputs[model_name], items[model_name] = run_model(
+                model, tokenizer, rows, settings)
+    cis, paired = intervals(arrays, samples, settings.seed)
+    summaries = {m: summarise(a, cis[m]) for m, a in arrays.items()}
+    for model_name, s in summaries.items():
+        log.info("%s, %s: perplexity %.3f, BLEU %s, ROUGE-L %s, diagnostic accuracy %s, "
+                 "stopped by eos %s", name, model_name, s["perplexity"], s["bleu"],
+                 s["rouge_l"], s["diagnostic_accuracy"], s["stopped_by_eos"])
+    block = {
         "n": len(rows),
         "n_diagnostic": sum(metrics.is_diagnostic(r["kind"], r["label"]) for r in rows),
         "n_option_scored": sum(is_option_item(r) for r in rows),
         "n_generated": sum(not is_option_item(r) for r in rows),
         "n_answer_tokens": sum(sum(t != IGNORE for t in r["labels"]) for r in rows),
-        "base": summaries["base"],
+        "base": summaries.get("base"),
         "adapter": summaries["adapter"],
-        "delta": delta(summaries["base"], summaries["adapter"]) if cfg.compare_base else None,
-        "generation": settings.as_dict(),
+        "delta": delta(summaries["base"], summaries["adapter"]) if compare_base else None,
+        "delta_ci95": paired or None,
     }
+    return block, prediction_rows(rows, outputs, items)
+
+
+def evaluate(params: Params, data_dir: str | Path, adapter_dir: str | Path,
+             predictions_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
+    """Score base and base + adapter on the test split (and the held-out set when prepare
+    wrote one); write predictions/ and the metrics JSON; return it."""
+    cfg = params.evaluate
+    settings = GenerationSettings.from_params(cfg, params.seed)
+    sets = {"test": load_test(data_dir, cfg.max_examples)}
+    if (Path(data_dir) / f"{HELDOUT}.parquet").is_file():
+        sets[HELDOUT] = load_test(data_dir, cfg.max_examples, HELDOUT)
+    model, tokenizer, meta = load_models(adapter_dir)
+    blocks, predictions = {}, {}
+    for name, rows in sets.items():
+        blocks[name], predictions[name] = score_set(model, tokenizer, rows, settings,
+                                                    cfg.compare_base, cfg.bootstrap_samples,
+                                                    name)
+    result = {**blocks["test"], **({HELDOUT: blocks[HELDOUT]} if HELDOUT in blocks else {}),
+              "generation": settings.as_dict()}
     with atomic_dir(predictions_dir) as tmp:
-        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as handle:
-            for rec in prediction_rows(rows, outputs, items):
-                handle.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+        for name, recs in predictions.items():
+            file = "predictions.jsonl" if name == "test" else f"{name}_predictions.jsonl"
+            with open(tmp / file, "w", encoding="utf-8") as handle:
+                for rec in recs:
+                    handle.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
         write_meta(tmp, stage="evaluate", params=params.section("seed", "evaluate"),
-                   inputs={"test": Path(data_dir) / "test.parquet", "adapter": adapter_dir},
+                   inputs={name: Path(data_dir) / f"{name}.parquet" for name in sets}
+                   | {"adapter": adapter_dir},
                    extra={"base": meta.get("base"), "quantization":
                           meta.get("params", {}).get("quantization"),
                           "n": result["n"], "generation": result["generation"]})

@@ -21,6 +21,7 @@ import torch
 
 from medqlora.core.config import EvaluateParams
 from medqlora.core.outputs import read_json
+from medqlora.data.templates import stop_ids
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def generation_config(settings: GenerationSettings, tokenizer):
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
         "do_sample": settings.do_sample,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": stop_ids(tokenizer),   # eos and the chat template's end of turn
         "pad_token_id": tokenizer.pad_token_id,
         "use_cache": True,  # load_base turns the cache off for training; decoding wants it
     }

@@ -354,9 +354,15 @@ def package_info(package: Path, tokenizer) -> dict[str, Any]:
 def _architecture(package: Path, base: str) -> str:
     merged = package / "merged" / "config.json"
     config = read_json(merged) if merged.is_file() else None
-    if config is None:
+    if config is None:   # the base's own config (a GGUF base's materialised checkpoint)
+        import dataclasses
+
         from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(base).to_dict()
+
+        from medqlora.core.modeling import base_source
+        from medqlora.evaluate.generation import package_settings
+        model = dataclasses.replace(package_settings(package).model, base=base)
+        config = AutoConfig.from_pretrained(base_source(model)).to_dict()
     return (config.get("architectures") or ["?"])[0]
 
 

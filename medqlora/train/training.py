@@ -356,10 +356,15 @@ def train_metrics(attempt: Attempt) -> dict:
 
 
 def base_info(params: Params) -> dict[str, Any]:
-    """Which base weights the adapter belongs to (sha256 of a local folder, else null)."""
+    """Which base weights the adapter belongs to (sha256 of a local folder, else null; a GGUF
+    base adds its file, sha256 and size)."""
     model = params.model
-    return {"id": model.base, "revision": model.revision,
+    info = {"id": model.base, "revision": model.revision,
             "sha256": sha256_tree(model.base) if model.is_local else None}
+    if model.gguf_file:
+        from medqlora.core.gguf import describe
+        info["gguf"] = describe(model.base, model.gguf_file)
+    return info
 
 
 def save_adapter(attempt: Attempt, tokenizer, params: Params, data_dir: Path, out_dir: Path,
