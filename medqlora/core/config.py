@@ -229,10 +229,22 @@ def _describe(error, schema: dict) -> list[str]:
         name = missing.group(1) if missing else error.message
         return [f"{key_path(where + [name])}: required key is missing"]
     if error.validator == "oneOf" and error.context:
-        # Report the branch closest to the value's type rather than "not valid under any".
-        best = min(error.context, key=lambda e: (e.validator == "type", len(e.message)))
-        return [f"{key_path(where)}: {best.message}"]
-    return [f"{key_path(where)}: {error.message}"]
+        # Report the branch closest to the value's type rather than "not valid under any"
+        # (for a whole float, the integer branch: `gpus: 2.0` gets "write 2").
+        best = min(error.context, key=lambda e: (not _whole_float_hint(e), e.validator == "type",
+                                                 len(e.message)))
+        return [f"{key_path(where)}: {best.message}{_whole_float_hint(best)}"]
+    return [f"{key_path(where)}: {error.message}{_whole_float_hint(error)}"]
+
+
+def _whole_float_hint(error) -> str:
+    """'; write 42' after "42.0 is not of type 'integer'": the fix is to drop the '.0'."""
+    wanted = error.validator_value if error.validator == "type" else None
+    wanted = [wanted] if isinstance(wanted, str) else wanted or []
+    value = error.instance
+    if "integer" in wanted and isinstance(value, float) and value.is_integer():
+        return f"; write {int(value)}"
+    return ""
 
 
 def _mapping(node: Any, *keys: str) -> dict[str, Any]:
@@ -293,7 +305,18 @@ def _unique_items(validator, unique, instance, schema):
         seen.add(key)
 
 
-_Validator = validators.extend(Draft202012Validator, {"uniqueItems": _unique_items})
+def _is_integer(checker, instance) -> bool:
+    """An int, and only an int: JSON Schema also counts a whole float (42.0) as an integer, but
+    the code that reads these keys does not (`seed: 42.0` passed validation, then numpy's
+    set_seed raised a TypeError). Refusing it here, rather than converting it to 42, keeps one
+    spelling per value: DVC's params tracking, `Params.raw` in the lineage and the checkpoint
+    fingerprint all read the file as written, so a silent 42.0 -> 42 would differ from them."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = validators.extend(
+    Draft202012Validator, {"uniqueItems": _unique_items},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:
