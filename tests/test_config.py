@@ -200,6 +200,38 @@ def test_whole_number_floats_in_integer_keys_are_all_reported_by_validate(tmp_pa
     ]
 
 
+def test_look_alike_and_invisible_characters_in_keys_are_named(tmp_path):
+    # Each unknown key below prints exactly like the key that was meant.
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text({
+        "  learning_rate: 0.003": "  learning_r\u0430te: 0.003",   # Cyrillic small a
+        "  lora_alpha: 32": "  lora_alpha\u200b: 32",              # zero-width space at the end
+        "bnb_4bit_quant_type: nf4": "bnb_4bit_quant_type: n\uff46\u200d4",  # fullwidth f, ZWJ
+    }), encoding="utf-8")
+    out = validate_cli(path)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "lora.lora_alpha\u200b: unknown key: character 11 is U+200B ZERO WIDTH SPACE, not plain "
+        "ASCII (did you mean 'lora_alpha'?)",
+        "quantization.bnb_4bit_quant_type: 'n\uff46\\u200d4' is not one of ['nf4', 'fp4']; "
+        "character 2 is U+FF46 FULLWIDTH LATIN SMALL LETTER F, character 3 is U+200D ZERO WIDTH "
+        "JOINER, not plain ASCII",
+        "train.learning_r\u0430te: unknown key: character 11 is U+0430 CYRILLIC SMALL LETTER A, "
+        "not plain ASCII (did you mean 'learning_rate'?)",
+        f"{path}: 3 problem(s)",
+    ]
+
+
+def test_unusual_characters_are_listed_up_to_a_limit():
+    from medqlora.core.config import unusual_characters
+    assert unusual_characters("learning_rate") == ""
+    assert unusual_characters("a\tb\x7f") == ("character 2 is U+0009 (a control character), "
+                                              "character 4 is U+007F (a control character)")
+    assert unusual_characters("\u5b66\u4e60\u7387\u738b\u738b") == (
+        "character 1 is U+5B66 CJK UNIFIED IDEOGRAPH-5B66, character 2 is U+4E60 CJK UNIFIED "
+        "IDEOGRAPH-4E60, character 3 is U+7387 CJK UNIFIED IDEOGRAPH-7387 and 2 more")
+
+
 def _integer_keys(schema: dict, prefix: str = ""):
     """Dotted paths of every mapping key whose schema takes an integer (directly or in a oneOf)."""
     for name, sub in schema.get("properties", {}).items():

@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,26 @@ def _schema_at(schema: dict, parts) -> dict:
     return node
 
 
+# Names for the characters unicodedata leaves unnamed, by category.
+_UNNAMED = {"Cc": "(a control character)", "Co": "(a private-use character)",
+            "Cn": "(an unassigned code point)"}
+
+
+def unusual_characters(text: str, limit: int = 3) -> str:
+    """'character 11 is U+0430 CYRILLIC SMALL LETTER A' for each character of `text` that is
+    not printable ASCII, or '' when there is none.
+
+    Every schema key is plain ASCII, and a look-alike (Cyrillic 'а' for 'a') or an invisible
+    character (U+200B ZERO WIDTH SPACE) prints exactly like the key that was meant: without
+    this, "learning_rаte: unknown key (did you mean 'learning_rate'?)" shows two equal names.
+    """
+    found = [f"character {i} is U+{ord(ch):04X} "
+             f"{unicodedata.name(ch, '') or _UNNAMED.get(unicodedata.category(ch), '(unnamed)')}"
+             for i, ch in enumerate(text, 1) if not " " <= ch <= "~"]
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more
+
+
 def _describe(error, schema: dict) -> list[str]:
     """Turn one jsonschema error into user-facing `path: message` lines."""
     where = list(error.absolute_path)
@@ -222,7 +243,9 @@ def _describe(error, schema: dict) -> list[str]:
         for key in sorted(set(error.instance) - set(known)):
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
-            lines.append(f"{key_path(where + [key])}: unknown key{hint}")
+            odd = unusual_characters(str(key))
+            what = f"unknown key: {odd}, not plain ASCII" if odd else "unknown key"
+            lines.append(f"{key_path(where + [key])}: {what}{hint}")
         return lines
     if error.validator == "required":
         missing = re.match(r"'([^']+)' is a required property", error.message)
@@ -231,19 +254,24 @@ def _describe(error, schema: dict) -> list[str]:
     if error.validator == "oneOf" and error.context:
         # Report the branch closest to the value's type rather than "not valid under any"
         # (for a whole float, the integer branch: `gpus: 2.0` gets "write 2").
-        best = min(error.context, key=lambda e: (not _whole_float_hint(e), e.validator == "type",
+        best = min(error.context, key=lambda e: (not _hint(e), e.validator == "type",
                                                  len(e.message)))
-        return [f"{key_path(where)}: {best.message}{_whole_float_hint(best)}"]
-    return [f"{key_path(where)}: {error.message}{_whole_float_hint(error)}"]
+        return [f"{key_path(where)}: {best.message}{_hint(best)}"]
+    return [f"{key_path(where)}: {error.message}{_hint(error)}"]
 
 
-def _whole_float_hint(error) -> str:
-    """'; write 42' after "42.0 is not of type 'integer'": the fix is to drop the '.0'."""
+def _hint(error) -> str:
+    """What to change, after a message whose value looks right on screen: '; write 42' after
+    "42.0 is not of type 'integer'" (drop the '.0'), or the look-alike characters of a string
+    that is not one of an enum's values ('nf4' with a Cyrillic 'f' is not 'nf4')."""
     wanted = error.validator_value if error.validator == "type" else None
     wanted = [wanted] if isinstance(wanted, str) else wanted or []
     value = error.instance
     if "integer" in wanted and isinstance(value, float) and value.is_integer():
         return f"; write {int(value)}"
+    odd = unusual_characters(value) if isinstance(value, str) else ""
+    if error.validator == "enum" and odd:
+        return f"; {odd}, not plain ASCII"
     return ""
 
 
