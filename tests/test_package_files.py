@@ -1,30 +1,41 @@
-"""`medqlora verify`, and the commands that load a package (generate, serve, export), on package
-folders that hold something other than folders and regular files.
+"""What the commands that read a package (verify, generate, serve, export) check before any
+work: only folders and regular files inside it, and weights files that open as safetensors.
 
-The packages here are fakes (no model): a few small files and a manifest written by the
-library's own writer, which is all verify reads. Every command runs in-process through
-`medqlora.cli.main`, as `python -m medqlora.cli ...` runs it.
+The packages here are fakes (no model): a few small files, a real but tiny safetensors file,
+and a manifest written by the library's own writer, which is all these checks read. The
+commands run in-process through `medqlora.cli.main`, as `python -m medqlora.cli ...` runs
+them, and once in a subprocess.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from medqlora import cli
 from medqlora.ship.manifest import MANIFEST, verify, write_manifest
+from tests.conftest import ROOT
 
 
 def fake_package(folder: Path) -> Path:
-    """A package folder with a manifest that matches it (a subfolder included)."""
+    """A package folder with a manifest that matches it: an adapter and merged/ weights (one
+    2 x 4 tensor each), and the JSON files serve reads before the weights."""
+    from safetensors.torch import save_file
     (folder / "merged").mkdir(parents=True)
     (folder / "adapter_config.json").write_text('{"r": 8}\n', encoding="utf-8")
-    (folder / "adapter_model.safetensors").write_bytes(b"not read by verify")
+    (folder / "meta.json").write_text("{}\n", encoding="utf-8")
     (folder / "merged" / "config.json").write_text("{}\n", encoding="utf-8")
-    write_manifest(folder, {"built_by": "tests/test_manifest.py"})
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(2, 4)},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file({"model.q_proj.weight": torch.zeros(2, 4)},
+              str(folder / "merged" / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(folder, {"built_by": "tests/test_package_files.py"})
     return folder
 
 
@@ -108,3 +119,56 @@ def test_a_package_is_never_written_around_a_link(tmp_path):
     assert str(err.value) == (f"{folder}: a package holds regular files only; not a regular "
                               "file: zero is a symbolic link to /dev/zero (a character device)")
     assert not (folder / MANIFEST).exists()
+
+
+# ---------------------------------------------------------------- truncated weights
+
+def _truncated(pkg: Path, rel: str) -> str:
+    """Cut the last 16 bytes off `rel` and rewrite the manifest to match, so verify passes."""
+    data = (pkg / rel).read_bytes()
+    (pkg / rel).write_bytes(data[:-16])
+    write_manifest(pkg, {"built_by": "tests/test_package_files.py"})
+    assert verify(pkg) == []
+    return (f"{pkg / rel}: not a valid safetensors file, truncated or corrupt (incomplete "
+            "metadata, file not fully covered); copy it again or rebuild it")
+
+
+@pytest.mark.parametrize("rel, argv", [
+    ("adapter_model.safetensors", ["generate", "--package", "{pkg}", "--prompt", "x"]),
+    ("adapter_model.safetensors", ["serve", "{pkg}"]),
+    ("adapter_model.safetensors", ["export", "{pkg}", "--out", "{out}", "--targets", "vllm"]),
+    ("merged/model.safetensors", ["generate", "--package", "{pkg}", "--prompt", "x", "--merged"]),
+    ("merged/model.safetensors", ["serve", "{pkg}", "--merged"]),
+    ("merged/model.safetensors", ["export", "{pkg}", "--out", "{out}", "--targets", "vllm"]),
+], ids=["generate", "serve", "export", "generate-merged", "serve-merged", "export-merged"])
+def test_a_truncated_weights_file_is_one_line_before_any_load(rel, argv, tmp_path, capsys):
+    pkg = fake_package(tmp_path / "package")
+    expected = _truncated(pkg, rel)
+    out = tmp_path / "export"
+    assert cli.main([a.format(pkg=pkg, out=out) for a in argv]) == 1
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert not out.exists()
+
+
+def test_generate_command_names_a_truncated_adapter_without_a_traceback(tmp_path):
+    pkg = fake_package(tmp_path / "package")
+    expected = _truncated(pkg, "adapter_model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "medqlora.cli", "generate", "--package",
+                           str(pkg), "--prompt", "What is anaemia?"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", expected + "\n")
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "header too small"),
+    (b"\xff" * 64, "header too large"),  # the first 8 bytes are the header's length
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "invalid JSON in header"),
+], ids=["empty", "huge header length", "header not JSON"])
+def test_weights_that_are_not_safetensors_are_named(data, reason, tmp_path):
+    from medqlora.core.modeling import WeightsFileError, check_safetensors
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(WeightsFileError) as err:
+        check_safetensors(path)
+    assert str(err.value).startswith(f"{path}: not a valid safetensors file, truncated or "
+                                     f"corrupt ({reason}")
