@@ -13,9 +13,10 @@ the run starts fresh.
 
 Skipped folders go to `<run>/skipped/checkpoint-N-<unix time>`, kept for a post-mortem (what
 was half-written, by which save), but only the latest lot: moving new ones aside deletes those
-an earlier resume had moved. A checkpoint of a 7B QLoRA run (r 64 adapter + Adam states) is
-about 0.5 GB, and each crash-and-resume would otherwise add one for good; the newest failure
-is the one worth reading, and an older one is never resumed from.
+an earlier resume had moved. A checkpoint of the reference recipe (Mistral-7B, r 64 on 7
+projections: 168M LoRA parameters x (4 bytes fp32 + 8 bytes of AdamW states)) is about 2 GB,
+and each crash-and-resume would otherwise add one for good; the newest failure is the one
+worth reading, and none is ever resumed from.
 
 Several processes (medqlora/train/launch.py) write other layouts, accepted too: DDP writes one
 rng_state_<rank>.pth per process; FSDP (SHARDED_STATE_DICT) writes the adapter and the
