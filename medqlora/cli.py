@@ -54,6 +54,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Answer prompts with a verified package (4-bit base + adapter, or the merged weights)."""
+    from medqlora.core.modeling import WeightsFileError
     from medqlora.evaluate.generation import generate, read_prompts
     if _refuse_unverified(args.package):
         return 1
@@ -62,7 +63,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(err, file=sys.stderr)
         return EXIT_INVALID
-    result = generate(args.package, texts, merged=args.merged)
+    try:
+        result = generate(args.package, texts, merged=args.merged)
+    except WeightsFileError as err:  # a truncated file whose manifest entry was rewritten
+        print(err, file=sys.stderr)
+        return 1
     for answer in result["answers"]:
         print(answer)
     if args.stats:
@@ -105,14 +110,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if _refuse_unverified(package):
         return 1
-    serve_api.serve(package, host=args.host, port=args.port, merged=args.merged,
-                    name=args.served_model_name, max_batch_size=args.max_batch_size,
-                    batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
+    from medqlora.core.modeling import WeightsFileError
+    try:
+        serve_api.serve(package, host=args.host, port=args.port, merged=args.merged,
+                        name=args.served_model_name, max_batch_size=args.max_batch_size,
+                        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
+    except WeightsFileError as err:  # raised while loading, before the server starts
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a verified package for vLLM, llama.cpp (GGUF) and Ollama."""
+    from medqlora.core.modeling import WeightsFileError
     from medqlora.ship import export
     logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -131,6 +142,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(problem, file=sys.stderr)
         print(f"{args.package}: export failed; {args.out} was not written", file=sys.stderr)
+        return 1
+    except WeightsFileError as err:  # checked before anything is read or written
+        print(err, file=sys.stderr)
         return 1
     for rel in sorted(record["files"]):
         print(f"{args.out}/{rel}")

@@ -13,7 +13,7 @@ import yaml
 
 from medqlora.core.config import (ParamsError, build_params, load_params, load_schema,
                                   validate_document)
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, set_key, write_params
 
 
 def problems_for(tmp_path: Path, overrides: dict) -> list[str]:
@@ -172,6 +172,89 @@ def test_distributed_cross_field_rules(tmp_path):
 def test_include_merged_needs_merge(tmp_path):
     problems = problems_for(tmp_path, {"merge.enabled": False, "package.include_merged": True})
     assert problems == ["package.include_merged: true needs merge.enabled: true"]
+
+
+def test_whole_number_floats_in_integer_keys_are_all_reported_by_validate(tmp_path):
+    # JSON Schema counts 42.0 as an integer: these passed validation, then train died in
+    # set_seed with a numpy TypeError.
+    path = write_params(tmp_path / "floats.yaml", {
+        "seed": 42.0, "lora.r": 16.0, "train.per_device_train_batch_size": 8.0,
+        "train.save_steps": 25.0, "evaluate.max_new_tokens": 64.0, "runner.gpus": 2.0,
+        "evaluate.max_examples": 10.0,   # integer or null
+        "train.max_steps": 2.5,          # not whole: no "write" hint
+        "lora.lora_alpha": 16.0,         # a number key: 16.0 is fine
+    })
+    assert "seed: 42.0" in path.read_text(encoding="utf-8")  # the file says 42.0, not 42
+    out = validate_cli(path)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "evaluate.max_examples: 10.0 is not of type 'integer', 'null'; write 10",
+        "evaluate.max_new_tokens: 64.0 is not of type 'integer'; write 64",
+        "lora.r: 16.0 is not of type 'integer'; write 16",
+        "runner.gpus: 2.0 is not of type 'integer'; write 2",
+        "seed: 42.0 is not of type 'integer'; write 42",
+        "train.max_steps: 2.5 is not of type 'integer'",
+        "train.per_device_train_batch_size: 8.0 is not of type 'integer'; write 8",
+        "train.save_steps: 25.0 is not of type 'integer'; write 25",
+        f"{path}: 8 problem(s)",
+    ]
+
+
+def test_look_alike_and_invisible_characters_in_keys_are_named(tmp_path):
+    # Each unknown key below prints exactly like the key that was meant.
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text({
+        "  learning_rate: 0.003": "  learning_r\u0430te: 0.003",   # Cyrillic small a
+        "  lora_alpha: 32": "  lora_alpha\u200b: 32",              # zero-width space at the end
+        "bnb_4bit_quant_type: nf4": "bnb_4bit_quant_type: n\uff46\u200d4",  # fullwidth f, ZWJ
+    }), encoding="utf-8")
+    out = validate_cli(path)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "lora.lora_alpha\u200b: unknown key: character 11 is U+200B ZERO WIDTH SPACE, not plain "
+        "ASCII (did you mean 'lora_alpha'?)",
+        "quantization.bnb_4bit_quant_type: 'n\uff46\\u200d4' is not one of ['nf4', 'fp4']; "
+        "character 2 is U+FF46 FULLWIDTH LATIN SMALL LETTER F, character 3 is U+200D ZERO WIDTH "
+        "JOINER, not plain ASCII",
+        "train.learning_r\u0430te: unknown key: character 11 is U+0430 CYRILLIC SMALL LETTER A, "
+        "not plain ASCII (did you mean 'learning_rate'?)",
+        f"{path}: 3 problem(s)",
+    ]
+
+
+def test_unusual_characters_are_listed_up_to_a_limit():
+    from medqlora.core.config import unusual_characters
+    assert unusual_characters("learning_rate") == ""
+    assert unusual_characters("a\tb\x7f") == ("character 2 is U+0009 (a control character), "
+                                              "character 4 is U+007F (a control character)")
+    assert unusual_characters("\u5b66\u4e60\u7387\u738b\u738b") == (
+        "character 1 is U+5B66 CJK UNIFIED IDEOGRAPH-5B66, character 2 is U+4E60 CJK UNIFIED "
+        "IDEOGRAPH-4E60, character 3 is U+7387 CJK UNIFIED IDEOGRAPH-7387 and 2 more")
+
+
+def _integer_keys(schema: dict, prefix: str = ""):
+    """Dotted paths of every mapping key whose schema takes an integer (directly or in a oneOf)."""
+    for name, sub in schema.get("properties", {}).items():
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if "integer" in types + [branch.get("type") for branch in sub.get("oneOf", [])]:
+            yield prefix + name
+        yield from _integer_keys(sub, f"{prefix}{name}.")
+
+
+def test_every_integer_key_refuses_a_whole_float_and_types_an_int():
+    keys = sorted(_integer_keys(load_schema()))
+    # 28 integer keys in the schema, less the 2 inside evaluate.benchmarks[] items.
+    assert len(keys) == 26 and {"seed", "runner.gpus", "evaluate.max_examples"} <= set(keys)
+    for key in keys:
+        doc = yaml.safe_load(params_text())
+        set_key(doc, key, 3.0)
+        typed = [p for p in validate_document(doc, ROOT) if "is not of type" in p]
+        assert len(typed) == 1 and typed[0].startswith(f"{key}: 3.0 is not of type 'integer'")
+        assert typed[0].endswith("; write 3"), typed
+    params = load_params(ROOT / "params.yaml")
+    assert type(params.seed) is int and type(params.lora.r) is int
+    assert type(params.train.save_steps) is int and type(params.evaluate.max_new_tokens) is int
 
 
 # ---------------------------------------------------------------- hostile and degenerate files

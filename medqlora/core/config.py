@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,26 @@ def _schema_at(schema: dict, parts) -> dict:
     return node
 
 
+# Names for the characters unicodedata leaves unnamed, by category.
+_UNNAMED = {"Cc": "(a control character)", "Co": "(a private-use character)",
+            "Cn": "(an unassigned code point)"}
+
+
+def unusual_characters(text: str, limit: int = 3) -> str:
+    """'character 11 is U+0430 CYRILLIC SMALL LETTER A' for each character of `text` that is
+    not printable ASCII, or '' when there is none.
+
+    Every schema key is plain ASCII, and a look-alike (Cyrillic 'а' for 'a') or an invisible
+    character (U+200B ZERO WIDTH SPACE) prints exactly like the key that was meant: without
+    this, "learning_rаte: unknown key (did you mean 'learning_rate'?)" shows two equal names.
+    """
+    found = [f"character {i} is U+{ord(ch):04X} "
+             f"{unicodedata.name(ch, '') or _UNNAMED.get(unicodedata.category(ch), '(unnamed)')}"
+             for i, ch in enumerate(text, 1) if not " " <= ch <= "~"]
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more
+
+
 def _describe(error, schema: dict) -> list[str]:
     """Turn one jsonschema error into user-facing `path: message` lines."""
     where = list(error.absolute_path)
@@ -222,17 +243,36 @@ def _describe(error, schema: dict) -> list[str]:
         for key in sorted(set(error.instance) - set(known)):
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
-            lines.append(f"{key_path(where + [key])}: unknown key{hint}")
+            odd = unusual_characters(str(key))
+            what = f"unknown key: {odd}, not plain ASCII" if odd else "unknown key"
+            lines.append(f"{key_path(where + [key])}: {what}{hint}")
         return lines
     if error.validator == "required":
         missing = re.match(r"'([^']+)' is a required property", error.message)
         name = missing.group(1) if missing else error.message
         return [f"{key_path(where + [name])}: required key is missing"]
     if error.validator == "oneOf" and error.context:
-        # Report the branch closest to the value's type rather than "not valid under any".
-        best = min(error.context, key=lambda e: (e.validator == "type", len(e.message)))
-        return [f"{key_path(where)}: {best.message}"]
-    return [f"{key_path(where)}: {error.message}"]
+        # Report the branch closest to the value's type rather than "not valid under any"
+        # (for a whole float, the integer branch: `gpus: 2.0` gets "write 2").
+        best = min(error.context, key=lambda e: (not _hint(e), e.validator == "type",
+                                                 len(e.message)))
+        return [f"{key_path(where)}: {best.message}{_hint(best)}"]
+    return [f"{key_path(where)}: {error.message}{_hint(error)}"]
+
+
+def _hint(error) -> str:
+    """What to change, after a message whose value looks right on screen: '; write 42' after
+    "42.0 is not of type 'integer'" (drop the '.0'), or the look-alike characters of a string
+    that is not one of an enum's values ('nf4' with a Cyrillic 'f' is not 'nf4')."""
+    wanted = error.validator_value if error.validator == "type" else None
+    wanted = [wanted] if isinstance(wanted, str) else wanted or []
+    value = error.instance
+    if "integer" in wanted and isinstance(value, float) and value.is_integer():
+        return f"; write {int(value)}"
+    odd = unusual_characters(value) if isinstance(value, str) else ""
+    if error.validator == "enum" and odd:
+        return f"; {odd}, not plain ASCII"
+    return ""
 
 
 def _mapping(node: Any, *keys: str) -> dict[str, Any]:
@@ -293,7 +333,18 @@ def _unique_items(validator, unique, instance, schema):
         seen.add(key)
 
 
-_Validator = validators.extend(Draft202012Validator, {"uniqueItems": _unique_items})
+def _is_integer(checker, instance) -> bool:
+    """An int, and only an int: JSON Schema also counts a whole float (42.0) as an integer, but
+    the code that reads these keys does not (`seed: 42.0` passed validation, then numpy's
+    set_seed raised a TypeError). Refusing it here, rather than converting it to 42, keeps one
+    spelling per value: DVC's params tracking, `Params.raw` in the lineage and the checkpoint
+    fingerprint all read the file as written, so a silent 42.0 -> 42 would differ from them."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = validators.extend(
+    Draft202012Validator, {"uniqueItems": _unique_items},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 def _cross_field(doc: dict[str, Any], root: Path) -> list[str]:

@@ -197,13 +197,37 @@ def lora_config(lora: LoraParams):
     )
 
 
+class WeightsFileError(ValueError):
+    """A weights file that is not a valid safetensors file (truncated or corrupt); the message
+    is one line naming the file."""
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise WeightsFileError unless `path` opens as a safetensors file.
+
+    Opening reads only the header, and checks that it parses and that the tensors it declares
+    cover the file exactly: a truncated copy fails here in one line, before anything loads,
+    instead of as a bare SafetensorError traceback from peft or transformers after the base.
+    """
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+        raise WeightsFileError(f"{path}: not a valid safetensors file, truncated or corrupt "
+                               f"({reason}); copy it again or rebuild it") from None
+
+
 def load_adapter(base, adapter_dir: str | Path, trainable: bool = False):
-    """Attach a saved adapter (safetensors only) to a loaded base."""
+    """Attach a saved adapter (safetensors only) to a loaded base; WeightsFileError when its
+    weights file is truncated or corrupt."""
     from peft import PeftModel
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter_dir}/adapter_model.safetensors is missing: "
                                 "not a medqlora/peft adapter folder")
+    check_safetensors(adapter_dir / "adapter_model.safetensors")
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 

@@ -154,11 +154,23 @@ def package_settings(package_dir: str | Path):
     return settings_from_meta(meta["adapter"])
 
 
+def check_weights(package_dir: str | Path, adapter: bool = True, merged: bool = True) -> None:
+    """Raise modeling.WeightsFileError for the first safetensors file of a package that does
+    not open (adapter_model.safetensors, merged/'s shards): the header check, before any load."""
+    from medqlora.core.modeling import check_safetensors
+    package_dir = Path(package_dir)
+    files = ([package_dir / "adapter_model.safetensors"] if adapter else []) + (
+        sorted((package_dir / "merged").glob("*.safetensors")) if merged else [])
+    for path in files:
+        check_safetensors(path)
+
+
 def load_for_generation(package_dir: str | Path, merged: bool = False):
     """(model, tokenizer) of a package: the 4-bit base + adapter, or the merged weights.
 
     The base is the adapter_config's base_model_name_or_path (as the reference loading code
-    resolves it), loaded with the quantization and compute dtype recorded at training.
+    resolves it), loaded with the quantization and compute dtype recorded at training. The
+    weights it will read are checked first (`check_weights`: WeightsFileError).
     """
     import dataclasses
 
@@ -166,6 +178,7 @@ def load_for_generation(package_dir: str | Path, merged: bool = False):
 
     from medqlora.core import modeling
     package_dir = Path(package_dir)
+    check_weights(package_dir, adapter=not merged, merged=merged)
     model_params, quant, precision = package_settings(package_dir)
     tokenizer = modeling.saved_tokenizer(package_dir, model_params)
     if merged:

@@ -369,11 +369,13 @@ def _architecture(package: Path, base: str) -> str:
 def export(package: str | Path, out: str | Path, targets: tuple[str, ...] = TARGETS,
            gguf_type: str = "auto", max_lora_rank: int | None = None,
            llama_cpp: str | Path | None = None) -> dict[str, Any]:
-    """Write the export folder atomically; return export.json's content."""
+    """Write the export folder atomically; return export.json's content. WeightsFileError
+    (medqlora.core.modeling) before anything is read when a weights file is truncated."""
     from medqlora.core import modeling
     from medqlora.data.templates import has_chat_template
-    from medqlora.evaluate.generation import package_settings
+    from medqlora.evaluate.generation import check_weights, package_settings
     package = Path(package)
+    check_weights(package)  # the adapter and merged/: every target reads one or both
     tokenizer = modeling.saved_tokenizer(package, package_settings(package)[0])
     info = package_info(package, tokenizer)
     template = chat_template(tokenizer, info["system"])

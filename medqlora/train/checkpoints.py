@@ -8,7 +8,15 @@ folder and never resumes a stale run.
 A checkpoint counts as *complete* when its trainer_state.json parses, its adapter weights
 load (safetensors) and its optimizer, scheduler and RNG states load. A run killed while
 writing one (kill -9, full disk) leaves a partial folder; it is moved aside with a warning
-naming it, and the newest complete one is used instead.
+naming it, and the newest complete one is used instead. When none is complete, one line says
+the run starts fresh.
+
+Skipped folders go to `<run>/skipped/checkpoint-N-<unix time>`, kept for a post-mortem (what
+was half-written, by which save), but only the latest lot: moving new ones aside deletes those
+an earlier resume had moved. A checkpoint of the reference recipe (Mistral-7B, r 64 on 7
+projections: 168M LoRA parameters x (4 bytes fp32 + 8 bytes of AdamW states)) is about 2 GB,
+and each crash-and-resume would otherwise add one for good; the newest failure is the one
+worth reading, and none is ever resumed from.
 
 Several processes (medqlora/train/launch.py) write other layouts, accepted too: DDP writes one
 rng_state_<rank>.pth per process; FSDP (SHARDED_STATE_DICT) writes the adapter and the
@@ -32,6 +40,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -136,18 +145,42 @@ def problem(ckpt: Path) -> str | None:
 def latest_complete(run_dir: Path, is_main: bool = True) -> Path | None:
     """The newest complete checkpoint of a run; incomplete newer ones are moved aside.
 
-    `is_main`: this process is rank 0 (RunContext.is_main), the one that moves them.
+    `is_main`: this process is rank 0 (RunContext.is_main), the one that moves them and logs.
     """
+    found, bad = None, []
     for ckpt in checkpoints(run_dir):
         why = problem(ckpt)
         if why is None:
-            return ckpt
-        if not is_main:
-            continue  # rank 0 moves it; every rank skips the same folder
+            found = ckpt
+            break
+        bad.append((ckpt, why))  # every rank skips the same folders; rank 0 moves them
+    if is_main and bad:
+        _set_aside(run_dir, bad)
+        if found is None:
+            log.warning("no complete checkpoint in %s: starting fresh (%d skipped, moved to %s)",
+                        run_dir, len(bad), run_dir / SKIPPED)
+    return found
+
+
+SKIPPED_NAME = re.compile(r"^checkpoint-\d+-\d+$")  # what _set_aside names them
+
+
+def _set_aside(run_dir: Path, bad: list[tuple[Path, str]]) -> None:
+    """Move incomplete checkpoints to run_dir/skipped/, deleting the ones moved there earlier
+    (the module docstring says why only the latest lot is kept)."""
+    skipped = run_dir / SKIPPED
+    old = sorted(p for p in skipped.iterdir() if SKIPPED_NAME.match(p.name) and p.is_dir()
+                 and not p.is_symlink()) if skipped.is_dir() else []
+    for folder in old:
+        shutil.rmtree(folder)
+    if old:
+        log.info("deleted %d checkpoint(s) skipped by an earlier resume from %s: %s", len(old),
+                 skipped, ", ".join(p.name for p in old))
+    skipped.mkdir(exist_ok=True)
+    stamp = int(time.time())
+    for ckpt, why in bad:
         # Moved out of the checkpoint-N namespace so the Trainer's rotation (which counts
         # checkpoint-* folders) can neither pick it nor delete a good one because of it.
-        dest = run_dir / SKIPPED / f"{ckpt.name}-{int(time.time())}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = skipped / f"{ckpt.name}-{stamp}"
         ckpt.rename(dest)
         log.warning("skipping incomplete checkpoint %s (%s); moved to %s", ckpt, why, dest)
-    return None
