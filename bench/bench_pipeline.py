@@ -3,6 +3,8 @@
     python bench/bench_pipeline.py --arch mistral-7b --out $OUT             # one GPU
     python bench/bench_pipeline.py --arch llama-3-8b --out $OUT
     python bench/bench_pipeline.py --arch embedded --out bench-results      # the driver on a CPU
+    python bench/bench_pipeline.py --recipe examples/smollm2-135m-medical.yaml --out $OUT \
+        --merge-dtypes bfloat16,float16                  # the real base (make smollm2 first)
 
 The base is random-init from the real config (bench/archs.py), saved once in bf16 safetensors
 with the embedded tiny tokenizer (bench_distributed.make_base); no weights are downloaded.
@@ -25,6 +27,12 @@ the metrics the stages wrote to <out>/pipeline-<arch>.json.
 Random weights make speed and memory real but numerics meaningless: generation never meets
 an end-of-sequence token, so every answer runs to max_new_tokens (the worst case), and the
 adapter's effect is that of a few steps on random data.
+
+`--recipe FILE` runs a recipe as it ships instead (local runner; `--set` still applies), on the
+base it names: examples/smollm2-135m-medical.yaml is the real pretrained SmolLM2-135M-Instruct
+from its GGUF file, for quality, stopping and merge numerics. `--merge-dtypes` then merges the
+trained adapter again with each other storage dtype (models/merged-<dtype>,
+metrics/merge-<dtype>.json), to measure what each costs on a real adapter.
 """
 from __future__ import annotations
 
@@ -58,10 +66,11 @@ LIVE = importlib.util.find_spec("dvclive") is not None and \
     importlib.util.find_spec("dvclive.live") is not None
 
 
-def workspace(dest: Path) -> Path:
-    """A fresh-clone-like copy of the project (what the stage commands need), nothing built."""
+def workspace(dest: Path, extra: list[str] = ()) -> Path:
+    """A fresh-clone-like copy of the project (what the stage commands need, and `extra`
+    paths such as a recipe's local base), nothing built."""
     shutil.rmtree(dest, ignore_errors=True)
-    for item in COPY:
+    for item in (*COPY, *extra):
         src, target = ROOT / item, dest / item
         target.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
@@ -87,6 +96,25 @@ def write_medqa(ws: Path, items: int) -> None:
                     encoding="utf-8")
 
 
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """`--set a.b=value` items applied to a params mapping."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = doc
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = parse_value(value)
+    return doc
+
+
+def recipe_params(recipe: Path, overrides: list[str]) -> dict:
+    """A recipe as it ships, on the local runner."""
+    doc = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    doc["runner"].update(backend="local", network="none", env=[])
+    return apply_overrides(doc, overrides)
+
+
 def params_for(base: Path, overrides: list[str], cpu: bool) -> dict:
     """The example recipe on `base`, local runner, one epoch, merged weights packaged, MedQA-4
     in evaluate.benchmarks."""
@@ -101,14 +129,7 @@ def params_for(base: Path, overrides: list[str], cpu: bool) -> dict:
         doc["train"].update(max_steps=2, gradient_checkpointing=False, mixed_precision="auto")
         doc["evaluate"].update(max_examples=8, max_new_tokens=8)
         doc["merge"]["parity_prompts"] = 4
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = doc
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = parse_value(value)
-    return doc
+    return apply_overrides(doc, overrides)
 
 
 def stage_commands(ws: Path) -> list[tuple[str, str]]:
@@ -139,6 +160,18 @@ def run_stage(ws: Path, name: str, cmd: str, log) -> dict:
                        if "timing: " in line]}
 
 
+def merge_again(ws: Path, params: dict, dtype: str, log) -> dict:
+    """The merge stage once more on the trained adapter, storing the merged weights in `dtype`
+    (models/merged-<dtype>, metrics/merge-<dtype>.json)."""
+    variant = ws / f"params-merge-{dtype}.yaml"
+    doc = json.loads(json.dumps(params))
+    doc["merge"]["dtype"] = dtype
+    variant.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cmd = (f"python stages/merge.py --params {variant.name} --data data/prepared --adapter "
+           f"models/adapter --out models/merged-{dtype} --metrics metrics/merge-{dtype}.json")
+    return run_stage(ws, f"merge-{dtype}", cmd, log)
+
+
 def summary(name: str, ws: Path) -> str:
     """What the stage produced, in a few words, from its metrics file."""
     path = ws / "metrics" / f"{name}.json"
@@ -151,13 +184,18 @@ def summary(name: str, ws: Path) -> str:
         return (f"{m.get('steps', m.get('global_step'))} steps, "
                 f"{m.get('tokens_per_second')} tokens/s, train loss {m.get('train_loss')}")
     if name == "evaluate":
-        return (f"n {m['n']} ({m.get('n_option_scored')} by option likelihood, "
-                f"{m.get('n_generated')} generated x {m['generation']['max_new_tokens']} tokens)")
+        sets = [("test", m)] + ([("heldout", m["heldout"])] if "heldout" in m else [])
+        return "; ".join(
+            f"{label} n {s['n']} ({s.get('n_option_scored')} by option likelihood, "
+            f"{s.get('n_generated')} generated x {m['generation']['max_new_tokens']} tokens)"
+            + (f": perplexity {s['base']['perplexity']:.2f} -> {s['adapter']['perplexity']:.2f}"
+               if s.get("base") else "")
+            + f", stopped by eos {s['adapter'].get('stopped_by_eos')}" for label, s in sets)
     if name == "benchmark":
         return "; ".join(
             f"{task} n {t['n']}: acc base {t['base']['acc']:.3f}, adapter {t['adapter']['acc']:.3f} "
             f"(synthetic items); scoring s {m['seconds']}" for task, t in m["tasks"].items())
-    if name == "merge":
+    if name.startswith("merge"):
         return (f"parity {'passed' if m.get('passed') else 'FAILED'} ({m.get('dtype')}): mean "
                 f"{m.get('mean_abs_logit_diff')} vs floor "
                 f"{(m.get('noise_floor') or {}).get('mean_abs_logit_diff')} and effect "
@@ -203,18 +241,30 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="rebuild the workspace")
     parser.add_argument("--medqa-items", type=int, default=None,
                         help="synthetic MedQA-4 items the benchmark stage scores (1273; 8 on a CPU)")
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="run this params file as it ships, on the base it names")
+    parser.add_argument("--merge-dtypes", default="",
+                        help="after the stages, merge again with each of these merge.dtype values")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # A GGUF base is materialised once for every run under --work (medqlora/core/gguf.py).
+    os.environ.setdefault("MEDQLORA_CACHE", str(work.resolve() / "cache"))
     info = versions()
-    base = (ROOT / "models" / "tiny-med-llama" if args.arch == "embedded"
-            else make_base(args.arch, work / f"base-{args.arch}"))
+    cpu = info["device"] == "cpu"
+    if args.recipe:
+        args.arch = args.recipe.stem
+        params = recipe_params(args.recipe, args.set)
+        extra = [params["model"]["base"]] if (ROOT / params["model"]["base"]).is_dir() else []
+    else:
+        base = (ROOT / "models" / "tiny-med-llama" if args.arch == "embedded"
+                else make_base(args.arch, work / f"base-{args.arch}"))
+        params, extra = params_for(base, args.set, cpu=cpu), []
     ws = work / f"ws-{args.arch}"
     if args.fresh or not ws.is_dir():
-        workspace(ws)
-    cpu = info["device"] == "cpu"
-    write_medqa(ws, args.medqa_items or (8 if cpu else 1273))
-    params = params_for(base, args.set, cpu=cpu)
+        workspace(ws, extra)
+    if not args.recipe:
+        write_medqa(ws, args.medqa_items or (8 if cpu else 1273))
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     wanted = args.stages.split(",")
     rows = []
@@ -227,6 +277,10 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
             if rows[-1]["rc"] != 0:
                 break
+        trained = bool(rows) and all(r["rc"] == 0 for r in rows)
+        for dtype in filter(None, args.merge_dtypes.split(",")) if trained else ():
+            rows.append(merge_again(ws, params, dtype, log))   # its gate may refuse: reported
+            print(json.dumps(rows[-1]), flush=True)
     text = table(args.arch, rows, ws, info["device"]) + f"\n\nversions: {info}\n"
     print(text, flush=True)
     with open(out / f"pipeline-{args.arch}.md", "a", encoding="utf-8") as handle:
@@ -234,7 +288,8 @@ def main() -> int:
     metrics = {p.stem: json.loads(p.read_text()) for p in sorted((ws / "metrics").glob("*.json"))}
     (out / f"pipeline-{args.arch}.json").write_text(json.dumps(
         {"rows": rows, "settings": args.set, "versions": info, "metrics": metrics}, indent=1))
-    return 0 if rows and all(r["rc"] == 0 for r in rows) else 1
+    stages = [r for r in rows if r["stage"] in STAGES]
+    return 0 if stages and all(r["rc"] == 0 for r in stages) else 1
 
 
 if __name__ == "__main__":
