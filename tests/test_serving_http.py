@@ -219,7 +219,8 @@ class SlowTokenizer:
     `started` is set when such a call begins, `finished` when it ends."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.started, self.finished = tokenizer, threading.Event(), threading.Event()
+        self.tokenizer = tokenizer
+        self.started, self.finished = threading.Event(), threading.Event()
 
     def __call__(self, text, *args, **kwargs):
         if len(text) > 10_000:

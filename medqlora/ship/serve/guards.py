@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from medqlora.ship.serve.errors import APIError
 
-# 1 MiB holds ~250k tokens of English: far past any served context (Mistral-7B's 32k tokens is
-# ~130 KB of text), yet refuses the multi-megabyte bodies that would tie up a tokeniser thread.
+# 1 MiB holds hundreds of thousands of tokens, far past any served context (Mistral-7B's 32k
+# tokens are ~130 KB of text), yet refuses the multi-megabyte bodies that would tie up a
+# tokeniser thread for seconds and the memory for as long.
 DEFAULT_MAX_BODY_BYTES = 2**20
 API_KEY_ENV = "MEDQLORA_API_KEY"
 
