@@ -7,6 +7,7 @@
     medqlora preflight [PATH]     estimated peak GPU memory of the train run; exit 3 when it
                                   exceeds train.memory_budget_gib or the visible GPU
     medqlora serve DIR | --repo URL --rev REV --artifact NAME [--port 8000] [--merged]
+                   [--api-key KEY] [--public-metrics] [--max-body-bytes N]
                                   OpenAI-compatible HTTP server with Prometheus /metrics
     medqlora export DIR --out DIR [--targets vllm,gguf,ollama]
                                   vLLM-ready adapter, GGUF files (llama.cpp's converters),
@@ -20,6 +21,7 @@ import os
 import sys
 
 from medqlora.core.config import ParamsError, load_params, warnings_for
+from medqlora.ship.serve.guards import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES
 
 EXIT_INVALID = 2
 
@@ -91,8 +93,14 @@ def _refuse_unverified(package) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a verified package (a folder, or pulled at a git revision) over the OpenAI API."""
     from medqlora.ship.serve import api as serve_api
+    from medqlora.ship.serve.guards import Guards
     logging.basicConfig(level=os.environ.get("MEDQLORA_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = _serve_setting_problem(args)
+    if problem:
+        print(f"serve: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    guards = Guards(args.max_body_bytes, args.api_key, args.public_metrics)
     package = args.package
     if args.repo:
         if package or not (args.rev and args.artifact):
@@ -114,11 +122,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve_api.serve(package, host=args.host, port=args.port, merged=args.merged,
                         name=args.served_model_name, max_batch_size=args.max_batch_size,
-                        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
+                        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                        guards=guards)
     except WeightsFileError as err:  # raised while loading, before the server starts
         print(err, file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_setting_problem(args: argparse.Namespace) -> str | None:
+    """The first serve flag that cannot work, named, or None."""
+    if args.max_body_bytes < 1:
+        return f"--max-body-bytes: {args.max_body_bytes}; give a positive number of bytes"
+    if args.api_key is not None and not args.api_key.strip():
+        # An empty key from an unset secret must not start a server that looks protected.
+        return f"--api-key / {API_KEY_ENV} is empty; set a key, or unset the variable"
+    if args.public_metrics and not args.api_key:
+        return "--public-metrics only makes sense with an API key (--api-key or " \
+               f"{API_KEY_ENV}); without one /metrics is already open"
+    return None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -195,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--artifact", help="artifact name in --repo's dvc.yaml (medqlora-tiny-med)")
     srv.add_argument("--dest", default="artifacts/package",
                      help="where --repo's package is pulled (default artifacts/package)")
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="bind address (0.0.0.0 in a container); a non-loopback one without "
+                          "an API key logs a warning")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--merged", action="store_true", help="serve merged/ instead of base + adapter")
     srv.add_argument("--served-model-name", help="the `model` clients send (default: package.name)")
@@ -204,7 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-wait-ms", type=float, default=10.0,
                      help="how long the first request of a batch waits for others")
     srv.add_argument("--max-queue", type=int, default=256,
-                     help="requests waiting beyond this get 503 server_overloaded")
+                     help="requests waiting beyond this get 503 server_overloaded; a completions "
+                          "request with more prompts than this gets 400")
+    srv.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                     help="larger request bodies get 413, before any is parsed "
+                          f"(default {DEFAULT_MAX_BODY_BYTES}: 1 MiB)")
+    srv.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                     help="require `Authorization: Bearer KEY` on every route but /health, "
+                          "/metrics included (else 401 invalid_api_key); default: the "
+                          f"{API_KEY_ENV} variable, the better place (a flag shows in `ps`)")
+    srv.add_argument("--public-metrics", action="store_true",
+                     help="with an API key, leave /metrics open (for a scraper without the key)")
     srv.set_defaults(func=cmd_serve)
     exp = sub.add_parser("export", help="export a verified package for vLLM, llama.cpp, Ollama")
     exp.add_argument("package", help="package folder (e.g. artifacts/package)")

@@ -1,8 +1,12 @@
 """`medqlora serve` on the tiny package, driven by the official `openai` client: plain,
 streaming and concurrent requests answer exactly as `medqlora generate` does at greedy decoding;
-bad requests get OpenAI error bodies; /metrics is Prometheus text that counts what was sent."""
+bad requests get OpenAI error bodies; /metrics is Prometheus text that counts what was sent.
+Issue 27 on the real server: a 20 MB body is refused while /health keeps answering and the
+memory does not grow, long prompts are tokenised off the event loop, an abandoned stream is
+counted, the API key. (tests/test_serving_http.py tests the HTTP layer without a model.)"""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -33,12 +37,13 @@ def free_port() -> int:
 class Served:
     """A `medqlora serve` process on 127.0.0.1; stopped (SIGINT, then kill) at the end."""
 
-    def __init__(self, args: list[str], cwd: Path, log: Path, timeout: float = 180):
+    def __init__(self, args: list[str], cwd: Path, log: Path, timeout: float = 180,
+                 env: dict[str, str] | None = None, api_key: str = "unused"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
+        self.log, self.api_key = log, api_key
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "medqlora.cli", "serve", *args, "--port", str(self.port)],
             cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -57,13 +62,15 @@ class Served:
 
     def client(self):
         import openai
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0,
                              timeout=120)
 
     def metrics(self) -> dict[tuple, float]:
         """{(sample name, sorted labels): value}, parsed by prometheus_client's own parser."""
         from prometheus_client.parser import text_string_to_metric_families
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+        request = urllib.request.Request(f"{self.url}/metrics", headers={
+            "Authorization": f"Bearer {self.api_key}"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.headers["Content-Type"].startswith("text/plain; version=")
             text = resp.read().decode()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -180,6 +187,8 @@ def test_bad_requests_get_openai_errors(server):
         (openai.BadRequestError, dict(temperature=5), "temperature"),
         (openai.BadRequestError, dict(n=2), "n: only n=1"),
         (openai.BadRequestError, dict(max_tokens=5000), "maximum context length"),
+        (openai.BadRequestError, dict(seed=2**32), "seed: Input should be less than 4294967296"),
+        (openai.BadRequestError, dict(seed=-1), "seed: Input should be greater than or equal"),
     ]
     for error, kwargs, text in cases:
         with pytest.raises(error) as caught:
@@ -198,7 +207,117 @@ def test_bad_requests_get_openai_errors(server):
     assert caught.value.code == 400
     body = json.loads(caught.value.read())
     assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] is None
+    assert body["error"]["message"] == ("body: invalid JSON at line 1 column 2 (Expecting "
+                                        "property name enclosed in double quotes)")
     assert "Traceback" not in server.log.read_text()
+
+
+def test_lone_surrogates_are_400s_naming_the_field(server):
+    """The tokenizer cannot take a lone surrogate (a JSON \\ud800 escape): named, not a 500."""
+    cases = [("/v1/chat/completions", {"model": NAME, "messages": [
+                 {"role": "user", "content": "What is \ud800anaemia?"}]}, "messages[0].content"),
+             ("/v1/completions", {"model": NAME, "prompt": ["ok", "\udc00"]}, "prompt[1]")]
+    for path, body, param in cases:
+        status, answer = post_raw(server, path, json.dumps(body).encode())
+        assert (status, answer["error"]["param"]) == (400, param), answer
+    assert chat(server.client(), QUESTIONS[0]).choices[0].message.content
+    assert "Traceback" not in server.log.read_text()
+
+
+def post_raw(server, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    """POST bytes (or an iterable of chunks: sent chunked) with http.client; status and JSON."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
+                                                       **(headers or {})})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:"))) * 1024
+
+
+def health_while(server, busy) -> float:
+    """Poll /health every 0.1 s until `busy` (a Future) is done: the slowest answer, s."""
+    slowest = 0.0
+    while not busy.done():
+        start = time.perf_counter()
+        with urllib.request.urlopen(f"{server.url}/health", timeout=30) as resp:
+            assert resp.status == 200
+        slowest = max(slowest, time.perf_counter() - start)
+        time.sleep(0.1)
+    return slowest
+
+
+def test_a_20_mb_body_is_refused_while_health_answers(server):
+    """Issue 27: 20 MB took 29 s to refuse, blocked /health as long and left RSS 1.5 GB up.
+    Now 413 (the default --max-body-bytes, 1 MiB), declared or chunked."""
+    prompt = json.dumps({"model": NAME, "prompt": "anaemia " * 2_500_000}).encode()  # 20 MB
+    rss_before = rss_bytes(server.proc.pid)
+    uploads = {"declared": prompt,
+               "chunked": (prompt[i:i + 2**20] for i in range(0, len(prompt), 2**20))}
+    with ThreadPoolExecutor(1) as pool:
+        for how, body in uploads.items():
+            start = time.perf_counter()
+            refused = pool.submit(post_raw, server, "/v1/completions", body)
+            slowest = health_while(server, refused)
+            status, answer = refused.result()
+            seconds = time.perf_counter() - start
+            assert (status, answer["error"]["code"]) == (413, "request_too_large"), how
+            assert seconds < 10 and slowest < 1.0, (how, seconds, slowest)
+    grown = rss_bytes(server.proc.pid) - rss_before
+    assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB"
+    assert chat(server.client(), QUESTIONS[0]).choices[0].message.content
+
+
+def test_a_long_prompt_is_tokenised_off_the_event_loop(package, tmp_path):
+    """A 6 MB prompt, accepted under --max-body-bytes 8 MiB, tokenises for seconds (~1.6M
+    tokens); /health answers meanwhile, and then the prompt gets context_length_exceeded."""
+    served = Served([str(package), "--max-body-bytes", str(8 * 2**20)], ROOT,
+                    tmp_path / "serve.log")
+    try:
+        body = json.dumps({"model": NAME, "prompt": "anaemia " * 750_000}).encode()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post_raw, served, "/v1/completions", body)
+            slowest = health_while(served, answer)
+        status, error = answer.result()
+        assert (status, error["error"]["code"]) == (400, "context_length_exceeded")
+        assert slowest < 1.0, slowest
+    finally:
+        served.stop()
+
+
+def test_an_abandoned_stream_is_counted_as_499(server):
+    """A client that leaves mid-stream is counted (status 499), not missing from the metrics."""
+    before = server.metrics()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": NAME, "stream": True, "messages": [{"role": "user", "content": QUESTIONS[1]}]}),
+        headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    conn.close()      # gone after the headers, before the first token
+    key = ("medqlora_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "499")))
+    depth = ("medqlora_queue_depth", ())
+    deadline = time.monotonic() + 10
+    after = server.metrics()
+    # The count comes when the server sees the disconnect; the queue empties when the worker
+    # takes the cancelled job (and drops it at its first step).
+    while (after.get(key, 0) == before.get(key, 0) or after[depth]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = server.metrics()
+    assert after.get(key, 0) - before.get(key, 0) == 1
+    done = ("medqlora_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))
+    assert after.get(done, 0) == before.get(done, 0)
+    assert after[depth] == 0
 
 
 def test_metrics_count_what_was_sent(server):
@@ -234,6 +353,29 @@ def test_serve_refuses_a_package_that_fails_verify(package, tmp_path):
     proc = run([sys.executable, "-m", "medqlora.cli", "serve", str(bad)], ROOT, check=False)
     assert proc.returncode == 1
     assert "altered: generation_config.json" in proc.stderr and "refusing" in proc.stderr
+
+
+def test_an_api_key_from_the_environment_guards_the_server(package, expected, tmp_path):
+    """MEDQLORA_API_KEY: the openai client with the key is answered, without it 401
+    invalid_api_key; /health stays open (Served waits on it), /metrics needs the key."""
+    import openai
+    key = "test-key-27"
+    served = Served([str(package)], ROOT, tmp_path / "serve.log",
+                    env={"MEDQLORA_API_KEY": key}, api_key=key)
+    try:
+        assert chat(served.client(), QUESTIONS[0]).choices[0].message.content == expected[0]
+        assert served.metrics()[("medqlora_requests_total", (
+            ("endpoint", "/v1/chat/completions"), ("status", "200")))] == 1
+        served.api_key = "wrong"
+        with pytest.raises(openai.AuthenticationError) as caught:
+            chat(served.client(), QUESTIONS[0])
+        assert caught.value.body["code"] == "invalid_api_key"
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{served.url}/metrics")
+        assert caught.value.code == 401
+        assert "without an API key" not in served.log.read_text()
+    finally:
+        served.stop()
 
 
 def test_serve_pulls_a_tagged_package_through_dvc(tiny_package, expected, tmp_path):

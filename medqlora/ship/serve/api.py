@@ -9,6 +9,9 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not), POST /v1/completions,
 GET /health, GET /metrics (Prometheus text). FastAPI on uvicorn; imported at the top, so the
 project image's build (which imports every medqlora module) fails if its lock lacks them.
+With --api-key every route but /health (and /metrics with --public-metrics) needs the key;
+bodies over --max-body-bytes get 413 (guards). No /docs, /redoc or /openapi.json: the API is
+OpenAI's, documented in docs/deploy.md.
 
 One generation path. The model is loaded by generation.load_for_generation (as `medqlora
 generate` loads it), chat prompts are built by templates.format_messages (the template and
@@ -18,13 +21,15 @@ the new tokens up to eos, decoded without special tokens and stripped, as genera
 greedy answers equal `medqlora generate`'s (tests/test_serving.py checks it).
 
 Modules: api (this HTTP layer, pulling and running), engine (the batching worker), metrics
-(Prometheus series and the middleware that records them).
+(Prometheus series and the middleware that records them), guards (API key and body limit),
+errors (OpenAI's error body).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -33,30 +38,19 @@ from typing import Any, Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medqlora.core.outputs import read_json
 from medqlora.ship.serve.engine import Engine, Job, Loaded, Overloaded, load_package
+from medqlora.ship.serve.errors import APIError
+from medqlora.ship.serve.guards import (ApiKeyMiddleware, BodyLimitMiddleware, Guards,
+                                        exposure_warnings)
 from medqlora.ship.serve.metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
 
 
 # ---------------------------------------------------------------- the HTTP API
@@ -80,7 +74,8 @@ class _Sampling(_Lenient):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # transformers.set_seed seeds numpy, whose seeds are 0 <= seed < 2**32.
+    seed: int | None = Field(None, ge=0, lt=2**32)
     logprobs: Any = None
 
 
@@ -123,12 +118,22 @@ def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
 
 
 class Server:
-    """The request handling shared by the endpoints: validate, tokenise, queue, answer."""
+    """The request handling shared by the endpoints: validate, tokenise, queue, answer.
+
+    Tokenising runs in a worker thread (asyncio.to_thread; the tokenizers library releases the
+    GIL): a prompt near --max-body-bytes takes about a second to tokenise on one CPU core, and on
+    the event loop it would hold up every other request, /health included."""
 
     def __init__(self, loaded: Loaded, engine: Engine, metrics: Metrics):
         self.loaded, self.engine, self.metrics = loaded, engine, metrics
 
     def check(self, req: _Sampling) -> None:
+        """Refuse what no generation could serve: invalid text, another model, n > 1, logprobs."""
+        where = lone_surrogate(req.model_dump())
+        if where is not None:
+            raise APIError(400, f"{where or 'body'}: not valid Unicode (a lone surrogate, such "
+                           "as an unpaired \\ud800 escape); send the text as UTF-8",
+                           param=where or None)
         if req.model != self.loaded.name:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves "
                            f"`{self.loaded.name}` (GET /v1/models)", param="model",
@@ -157,26 +162,33 @@ class Server:
                    loop=asyncio.get_running_loop(), events=asyncio.Queue())
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
+        """The token ids of a chat request's prompt (the training template); blocking."""
         from medqlora.data.templates import format_messages
         text = format_messages(self.loaded.tokenizer, chat_messages(req.messages),
                                self.loaded.system)
         return self.loaded.tokenizer(text)["input_ids"]
 
-    async def run(self, job: Job) -> tuple[str, str, int, int]:
-        """Queue a job and wait for its answer (non-streaming)."""
-        self.engine.submit(job)
-        while True:
-            event = await job.events.get()
-            if event[0] == "error":
-                raise APIError(500, event[1], "server_error")
-            if event[0] == "done":
-                return event[1], event[2], event[3], event[4]
+    def tokenise(self, prompts: list[str]) -> list[list[int]]:
+        """The token ids of raw prompts; blocking."""
+        return [self.loaded.tokenizer(p)["input_ids"] for p in prompts]
 
+    async def answers(self, jobs: list[Job]) -> list[tuple[str, str, int, int]]:
+        """Queue a request's jobs (all or none) and wait for their answers (non-streaming).
+        Jobs still unfinished when this ends (another failed, or the request was cancelled)
+        are cancelled, so they stop costing compute at the next step."""
+        self.engine.submit(jobs)
+        try:
+            return [await _answer(job) for job in jobs]
+        finally:
+            for job in jobs:
+                if job.finish is None:
+                    job.cancelled = True
 
     async def chat(self, req: ChatRequest):
         """POST /v1/chat/completions: a chat.completion, or a stream of chunks."""
         self.check(req)
-        job = self.job(req, self.chat_prompt(req), req.max_completion_tokens or req.max_tokens)
+        ids = await asyncio.to_thread(self.chat_prompt, req)
+        job = self.job(req, ids, req.max_completion_tokens or req.max_tokens)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.loaded.name}
         if req.stream:
@@ -186,20 +198,30 @@ class Server:
                 return {**head, "object": "chat.completion.chunk", "choices": choices,
                         **({"usage": usage} if usage else {})}
             return self.stream(job, chunk, req)
-        answer, reason, prompt, completion = await self.run(job)
+        [(answer, reason, prompt, completion)] = await self.answers([job])
         return {**head, "object": "chat.completion", "usage": _usage(prompt, completion),
                 "choices": [{"index": 0, "finish_reason": reason, "logprobs": None,
                              "message": {"role": "assistant", "content": answer}}]}
 
-    async def completions(self, req: CompletionRequest):
-        """POST /v1/completions: raw prompts (no template), each answered as one choice."""
-        self.check(req)
+    def prompts(self, req: CompletionRequest) -> list[str]:
+        """A completion request's prompts; more than --max-queue could never be queued at
+        once, so they get 400 here rather than a 503 that retrying cannot cure."""
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or (req.stream and len(prompts) > 1):
             raise APIError(400, "prompt: one text to stream, or a non-empty list without "
                            "stream", param="prompt")
-        jobs = [self.job(req, self.loaded.tokenizer(p)["input_ids"], req.max_tokens)
-                for p in prompts]
+        if len(prompts) > self.engine.max_queue:
+            raise APIError(400, f"prompt: {len(prompts)} prompts; this server takes at most "
+                           f"{self.engine.max_queue} in one request (--max-queue)",
+                           param="prompt")
+        return prompts
+
+    async def completions(self, req: CompletionRequest):
+        """POST /v1/completions: raw prompts (no template), each answered as one choice."""
+        self.check(req)
+        prompts = self.prompts(req)
+        ids = await asyncio.to_thread(self.tokenise, prompts)
+        jobs = [self.job(req, prompt_ids, req.max_tokens) for prompt_ids in ids]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.loaded.name, "object": "text_completion"}
         if req.stream:
@@ -208,7 +230,7 @@ class Server:
                                              "finish_reason": reason, "logprobs": None}]
                 return {**head, "choices": choices, **({"usage": usage} if usage else {})}
             return self.stream(jobs[0], chunk, req)
-        answers = await asyncio.gather(*(self.run(job) for job in jobs))
+        answers = await self.answers(jobs)
         choices = [{"index": i, "text": (prompts[i] if req.echo else "") + answer,
                     "finish_reason": reason, "logprobs": None}
                    for i, (answer, reason, _, _) in enumerate(answers)]
@@ -217,10 +239,46 @@ class Server:
 
     def stream(self, job: Job, chunk, req: _Sampling) -> StreamingResponse:
         """Queue the job now (an overloaded queue answers 503 before any byte is sent)."""
-        self.engine.submit(job)
+        self.engine.submit([job])
         include = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(_stream_events(job, chunk, include),
                                  media_type="text/event-stream")
+
+
+async def _answer(job: Job) -> tuple[str, str, int, int]:
+    """Wait for a queued job's answer: (text, finish_reason, prompt tokens, completion tokens)."""
+    while True:
+        event = await job.events.get()
+        if event[0] == "error":
+            raise APIError(500, event[1], "server_error")
+        if event[0] == "done":
+            return event[1], event[2], event[3], event[4]
+
+
+# Code points U+D800-U+DFFF: JSON's \uXXXX escapes can carry them unpaired, but no UTF-8 text
+# (the tokenizer's input, the answer's encoding) can hold one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where a parsed request holds a lone surrogate, as OpenAI names fields
+    (messages[0].content, prompt[2]; "" for the body itself), or None when it holds none."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path                     # a key can't be named in a message: its parent
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        found = lone_surrogate(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -260,37 +318,59 @@ def _error_handlers(app) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return err.response()
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, err: Overloaded):
-        return JSONResponse(APIError(503, str(err), "server_overloaded",
-                                     code="server_overloaded").body(), status_code=503)
+        return APIError(503, str(err), "server_overloaded", code="server_overloaded").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return APIError(400, _json_problem(first, err.body)).response()
+        where = _param(first.get("loc", ()))
         count = len(err.errors())
         message = (f"{where or 'body'}: {first.get('msg', 'invalid request')}"
                    + (f" (and {count - 1} more problem(s))" if count > 1 else ""))
-        return JSONResponse(APIError(400, message, param=where).body(), status_code=400)
+        return APIError(400, message, param=where).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(err.status_code, str(err.detail), type_).body(),
-                            status_code=err.status_code)
+        return APIError(err.status_code, str(err.detail), type_,
+                        headers=err.headers).response()
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(APIError(500, f"internal server error ({type(err).__name__}); "
-                                     "see the server log", "server_error").body(), status_code=500)
+        return APIError(500, f"internal server error ({type(err).__name__}); see the server "
+                        "log", "server_error").response()
 
 
-def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
-    """The FastAPI application (the engine is started and stopped with it)."""
+def _param(loc: tuple) -> str | None:
+    """A pydantic error location as OpenAI names the field:
+    ("body", "messages", 0, "content") -> "messages[0].content"; the body itself -> None."""
+    name = ""
+    for part in loc[1:]:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name or None
+
+
+def _json_problem(error: dict, doc: Any) -> str:
+    """FastAPI's json_invalid error (its loc ends with the character offset) as json's own
+    line and column: "body: invalid JSON at line 1 column 54 (Expecting value)"."""
+    pos = error["loc"][-1]
+    doc = doc if isinstance(doc, str) else ""
+    line, column = doc.count("\n", 0, pos) + 1, pos - doc.rfind("\n", 0, pos)
+    reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+    return f"body: invalid JSON at line {line} column {column} ({reason})"
+
+
+def build_app(loaded: Loaded, engine: Engine, metrics: Metrics, guards: Guards = Guards()):
+    """The FastAPI application (the engine is started and stopped with it). Middlewares, outer
+    first: metrics (so refused requests are counted too), the API key (checked before any body
+    is read), the body limit."""
     from contextlib import asynccontextmanager
 
     server = Server(loaded, engine, metrics)
@@ -301,8 +381,13 @@ def build_app(loaded: Loaded, engine: Engine, metrics: Metrics):
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="medqlora", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app = FastAPI(title="medqlora", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=guards.max_body_bytes)
+    if guards.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=guards.api_key,
+                           open_paths=guards.open_paths())
+    app.add_middleware(MetricsMiddleware, metrics=metrics)    # added last: the outermost
     _error_handlers(app)
 
     @app.get("/health")
@@ -361,11 +446,14 @@ def pull_package(repo: str, rev: str, artifact: str, dest: str | Path) -> Path:
 
 def serve(package_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
           merged: bool = False, name: str | None = None, max_batch_size: int = 8,
-          batch_wait_ms: float = 10.0, max_queue: int = 256) -> None:
+          batch_wait_ms: float = 10.0, max_queue: int = 256,
+          guards: Guards = Guards()) -> None:
     """Load a (verified) package and serve it until interrupted."""
+    for warning in exposure_warnings(host, guards):
+        log.warning(warning)
     loaded = load_package(package_dir, merged, name)
     metrics = Metrics()
     engine = Engine(loaded, metrics, max_batch_size, batch_wait_ms, max_queue)
-    app = build_app(loaded, engine, metrics)
+    app = build_app(loaded, engine, metrics, guards)
     log.info("serving %s (%s) on http://%s:%d/v1", loaded.name, package_dir, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -131,14 +131,17 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs, all or none: when they do not all fit under max_queue,
+        Overloaded is raised and none is queued (a 503 must not leave work running)."""
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise Overloaded(f"the server has {self._waiting} requests waiting "
-                                 f"(--max-queue {self.max_queue}); retry later")
-            self._waiting += 1
+            if self._waiting + len(jobs) > self.max_queue:
+                raise Overloaded(f"the server has {self._waiting} requests waiting and this one "
+                                 f"adds {len(jobs)} (--max-queue {self.max_queue}); retry later")
+            self._waiting += len(jobs)
             self.metrics.queue_depth.set(self._waiting)
-        self._queue.put(job)
+        for job in jobs:
+            self._queue.put(job)
 
     def _taken(self, count: int) -> None:
         with self._lock:

@@ -17,10 +17,11 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("medqlora_requests", "HTTP requests answered, by endpoint and "
-                                "status code", ["endpoint", "status"], registry=r)
+        self.requests = Counter("medqlora_requests", "HTTP requests, by endpoint and status "
+                                "code (499: the client left before the answer's last byte)",
+                                ["endpoint", "status"], registry=r)
         self.errors = Counter("medqlora_request_errors", "Requests answered with an error "
-                              "(status >= 400), by endpoint and OpenAI error type",
+                              "(status >= 400, 499 excepted), by endpoint and OpenAI error type",
                               ["endpoint", "type"], registry=r)
         self.latency = Histogram("medqlora_request_latency_seconds", "Time from request to the "
                                  "last byte of the answer (streams included)", ["endpoint"],
@@ -45,9 +46,17 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# The status recorded for a request whose client went away before its answer's last byte
+# (an abandoned stream, an upload cut short): nginx's "client closed request". Such requests are
+# counted and timed, but are not errors the server answered.
+CLIENT_CLOSED = 499
+
+
 class MetricsMiddleware:
-    """ASGI middleware: count every answer by status, and time it to its last body byte
-    (so a stream's latency is the whole stream, not its first chunk)."""
+    """ASGI middleware: count every request by status, and time it to its last body byte
+    (so a stream's latency is the whole stream, not its first chunk). A request that ends
+    without a last byte (starlette cancels a stream whose client disconnected) is counted
+    as CLIENT_CLOSED when the app returns."""
 
     ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
@@ -59,8 +68,13 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         endpoint = path if path in self.ENDPOINTS else "other"
-        start, status = time.perf_counter(), {"code": 500}
+        start, status = time.perf_counter(), {"code": 500, "recorded": False}
         body = bytearray()
+
+        def record(code: int) -> None:
+            if not status["recorded"]:
+                status["recorded"] = True
+                self._record(endpoint, code, time.perf_counter() - start, body)
 
         async def observe(message):
             if message["type"] == "http.response.start":
@@ -69,20 +83,22 @@ class MetricsMiddleware:
                 if status["code"] >= 400 and len(body) < 4096:
                     body.extend(message.get("body", b""))
                 if not message.get("more_body", False):
-                    self._record(endpoint, status["code"], time.perf_counter() - start, body)
+                    record(status["code"])
             await send(message)
 
         try:
             await self.app(scope, receive, observe)
         except Exception:
-            self._record(endpoint, 500, time.perf_counter() - start, b"")
+            record(500)
             raise
+        finally:
+            record(CLIENT_CLOSED)    # returned, or cancelled, without a last byte
 
     def _record(self, endpoint: str, code: int, seconds: float, body: bytes) -> None:
         self.metrics.requests.labels(endpoint, str(code)).inc()
         if endpoint != "/metrics":
             self.metrics.latency.labels(endpoint).observe(seconds)
-        if code >= 400:
+        if code >= 400 and code != CLIENT_CLOSED:
             try:
                 type_ = json.loads(bytes(body))["error"]["type"]
             except (ValueError, KeyError, TypeError):
