@@ -24,6 +24,7 @@ import torch
 from transformers import StoppingCriteria
 
 from medqlora.core.outputs import read_json
+from medqlora.data.templates import stop_ids
 from medqlora.evaluate import generation
 from medqlora.ship.serve.metrics import Metrics
 
@@ -119,6 +120,7 @@ class Engine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="medqlora-engine", daemon=True)
         self.device = next(loaded.model.parameters()).device
+        self.stops = set(stop_ids(loaded.tokenizer))
 
     def start(self) -> None:
         self._thread.start()
@@ -205,14 +207,13 @@ class Engine:
     def step(self, batch: list[Job], tokens: list[int]) -> None:
         """One decoding step: a new token per row (finished rows get padding, ignored)."""
         now = time.perf_counter()
-        eos = self.loaded.tokenizer.eos_token_id
         for job, token in zip(batch, tokens):
             if job.done or job.cancelled:
                 continue
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.metrics.ttft.observe(now - job.created)
-            if token == eos:
+            if token in self.stops:   # eos or the chat template's end of turn
                 self._finish(job, "stop")
                 continue
             job.tokens.append(token)
