@@ -108,6 +108,63 @@ def chat_template(tokenizer, system: str = "") -> str:
             "{%- endfor -%}\n")
 
 
+# Chat formats whose Jinja templates can be written as an Ollama (Go) template: each message is
+# prefix(role) + content + suffix, then the generation prompt. Which one a tokenizer's template
+# is gets decided by rendering (ollama_chat), never by its name.
+CHAT_FORMATS = {
+    "chatml": ("", "<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n"),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n",
+               "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+}
+PROBES = [  # conversations the Go template must render exactly as the tokenizer does
+    [{"role": "user", "content": "What is anaemia?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Define GFR."}],
+    [{"role": "user", "content": "Normal sodium?"}, {"role": "assistant", "content": "135-145."},
+     {"role": "user", "content": "And potassium?"}],
+]
+
+
+def render_chat_format(name: str, messages: list[dict[str, str]], system: str = "") -> str:
+    """What CHAT_FORMATS[name]'s Go template renders for `messages`, with Ollama's rule for
+    SYSTEM: a system message `system` goes first when the request has none."""
+    head, prefix, suffix, generation = CHAT_FORMATS[name]
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return head + "".join(prefix.format(role=m["role"]) + m["content"] + suffix
+                          for m in messages) + generation
+
+
+def ollama_chat(tokenizer, system: str = "") -> tuple[str, str] | None:
+    """(Go TEMPLATE, SYSTEM text) that render templates.format_messages' prompts (the
+    tokenizer's chat template, the package's system text) for every PROBES conversation, or
+    None when no CHAT_FORMATS entry does. SYSTEM is the package's system text, else the system
+    message the template adds by itself (SmolLM2's "You are a helpful AI assistant...")."""
+    from medqlora.data.templates import format_messages
+    # A request's own system message replaces SYSTEM in Ollama, where format_messages appends
+    # it to the package's system text: with a package system text, those conversations differ.
+    probes = [m for m in PROBES if not system or m[0]["role"] != "system"]
+    for name, (head, prefix, suffix, generation) in CHAT_FORMATS.items():
+        default = _default_system(tokenizer, prefix.format(role="system"), suffix)
+        wanted = system or default
+        if all(render_chat_format(name, m, wanted) == format_messages(tokenizer, m, system)
+               for m in probes):
+            go_prefix = prefix.replace("{role}", "{{ .Role }}")
+            return (head + "{{- range .Messages }}" + go_prefix + "{{ .Content }}" + suffix
+                    + "{{ end }}" + generation, wanted)
+    return None
+
+
+def _default_system(tokenizer, system_prefix: str, suffix: str) -> str:
+    """The system message a chat template inserts when the conversation has none ("")."""
+    from medqlora.data.templates import format_messages
+    text = format_messages(tokenizer, [{"role": "user", "content": "q"}])
+    start = text.find(system_prefix)
+    if start < 0:
+        return ""
+    body = text[start + len(system_prefix):]
+    return body[:body.find(suffix)] if suffix in body else ""
+
+
 def ollama_template() -> str:
     """templates.DEFAULT_TEMPLATE as an Ollama (Go) template over .Messages."""
     from medqlora.data.templates import DEFAULT_TEMPLATE
@@ -311,15 +368,26 @@ def export_gguf(package: Path, out: Path, work: Path, info: dict[str, Any], temp
     return made
 
 
-def modelfiles(out: Path, made: dict[str, Any], info: dict[str, Any], default_template: bool,
-               eos: str) -> list[str]:
-    """Ollama Modelfiles beside the GGUF files: merged, and base + ADAPTER."""
-    lines = []
-    if default_template:
+def modelfiles(out: Path, made: dict[str, Any], info: dict[str, Any], tokenizer) -> list[str]:
+    """Ollama Modelfiles beside the GGUF files: merged, and base + ADAPTER.
+
+    TEMPLATE renders the prompt training built: medqlora's default template as Go, or the
+    tokenizer's chat template when a CHAT_FORMATS entry renders it exactly (else no TEMPLATE:
+    Ollama then guesses one from the GGUF's chat template, logged as a warning). Stops: eos and
+    the template's end-of-turn token."""
+    from medqlora.data.templates import has_chat_template, stop_ids
+    lines, system = [], info["system"]
+    if not has_chat_template(tokenizer):
         lines.append(f'TEMPLATE """{ollama_template()}"""')
-    if info["system"]:
-        lines.append(f'SYSTEM """{info["system"]}"""')
-    lines.append(f'PARAMETER stop "{eos}"')
+    elif (chat := ollama_chat(tokenizer, system)) is not None:
+        lines.append(f'TEMPLATE """{chat[0]}"""')
+        system = chat[1]
+    else:
+        log.warning("no Ollama TEMPLATE: the chat template is none of %s; Ollama will derive "
+                    "one from the GGUF metadata (check its prompts)", ", ".join(CHAT_FORMATS))
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(i)}"' for i in stop_ids(tokenizer)]
     lines.append(f"PARAMETER num_predict {info['max_new_tokens']}")
     if info["greedy"]:
         lines.append("PARAMETER temperature 0")
@@ -348,7 +416,7 @@ def package_info(package: Path, tokenizer) -> dict[str, Any]:
             "base": adapter["base_model_name_or_path"], "revision": adapter.get("revision"),
             "system": meta.get("prompt", {}).get("system", ""), "architecture": architecture,
             "max_new_tokens": int(generation.get("max_new_tokens", 64)),
-            "greedy": not generation.get("do_sample", False), "eos": tokenizer.eos_token}
+            "greedy": not generation.get("do_sample", False)}
 
 
 def _architecture(package: Path, base: str) -> str:
@@ -372,7 +440,6 @@ def export(package: str | Path, out: str | Path, targets: tuple[str, ...] = TARG
     """Write the export folder atomically; return export.json's content. WeightsFileError
     (medqlora.core.modeling) before anything is read when a weights file is truncated."""
     from medqlora.core import modeling
-    from medqlora.data.templates import has_chat_template
     from medqlora.evaluate.generation import check_weights, package_settings
     package = Path(package)
     check_weights(package)  # the adapter and merged/: every target reads one or both
@@ -392,8 +459,7 @@ def export(package: str | Path, out: str | Path, targets: tuple[str, ...] = TARG
             record["targets"]["gguf"] = {**made, "type": gguf_type,
                                          "llama_cpp": _llama_cpp_version(source)}
             if "ollama" in targets:
-                record["targets"]["ollama"] = modelfiles(
-                    tmp / "gguf", made, info, not has_chat_template(tokenizer), info["eos"])
+                record["targets"]["ollama"] = modelfiles(tmp / "gguf", made, info, tokenizer)
         shutil.rmtree(work, ignore_errors=True)
         record["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                            for p in sorted(tmp.rglob("*")) if p.is_file()}
