@@ -67,3 +67,90 @@ def test_ollama_template_renders_the_chat_templates_prompts(tokenizer, system, t
     rendered = go_render(template, conversations, tmp_path)
     assert rendered == [format_messages(tokenizer, m, system) for m in probes]
     assert rendered[0].endswith("<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------- the pipeline on CPU
+
+# A few steps: the point is the plumbing (template, end-of-turn label, stop ids, export), not
+# learning; the GPU run of the full recipe measures learning (bench/README.md).
+OVERRIDES = {
+    "data.max_seq_length": 320, "data.heldout_sources": [],
+    "train.max_steps": 3, "train.per_device_train_batch_size": 4,
+    "train.per_device_eval_batch_size": 16, "train.eval_steps": 3, "train.save_steps": 3,
+    "train.logging_steps": 1, "train.mixed_precision": "auto",
+    "evaluate.max_examples": 4, "evaluate.max_new_tokens": 24, "evaluate.batch_size": 4,
+    "evaluate.bootstrap_samples": 100, "merge.parity_prompts": 4,
+}
+# Short questions SmolLM2-135M-Instruct answers in one sentence, then <|im_end|>.
+QUESTIONS = ["Reply with one word: is a potassium of 6.4 mmol/L high or low?",
+             "What is the capital of France? Answer in one word.",
+             "Is 2+2 equal to 4? Answer yes or no."]
+MAX_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def real_run(smollm2, tmp_path_factory):
+    """`dvc repro` of the SmolLM2 recipe, shrunk to 3 steps, then `medqlora export` (q8_0)."""
+    from conftest import SMOLLM2, make_workspace, run, write_params
+    ws = make_workspace(tmp_path_factory.mktemp("real") / "repo")
+    (ws / "models").mkdir(exist_ok=True)
+    (ws / "models" / SMOLLM2.name).symlink_to(SMOLLM2)   # the GGUF, not copied (98 MB)
+    write_params(ws / "params.yaml", OVERRIDES,
+                 base=ROOT / "examples" / "smollm2-135m-medical.yaml")
+    env = {"MEDQLORA_CACHE": os.environ["MEDQLORA_CACHE"]}   # the materialised base, reused
+    run(["dvc", "repro"], ws, env=env)
+    run(["medqlora", "export", "artifacts/package", "--out", "export", "--targets",
+         "gguf,ollama", "--gguf-type", "q8_0"], ws, env=env)
+    return ws
+
+
+def test_end_of_turn_is_in_every_label_and_survives_collation(real_run):
+    import pyarrow.parquet as pq
+
+    from medqlora.train.collation import Collator
+    rows = pq.read_table(real_run / "data/prepared/train.parquet").to_pylist()
+    assert rows and all(r["labels"][-1] == 2 and r["input_ids"][-1] == 2 for r in rows)
+    # pad is <|im_end|> too: padding must not mask the labels' end of turn
+    short, long = sorted(rows[:8], key=lambda r: len(r["input_ids"]))[::7][:2]
+    batch = Collator(pad_token_id=2)([short, long])
+    end = len(short["input_ids"]) - 1
+    assert batch["labels"][0, end] == 2 and (batch["labels"][0, end + 1:] == -100).all()
+    meta = json.loads((real_run / "data/prepared/meta.json").read_text())
+    assert meta["tokenizer"]["end_of_turn_id"] == 2 and meta["template"] == "tokenizer-chat-template"
+
+
+def test_the_package_records_the_gguf_base(real_run):
+    manifest = json.loads((real_run / "artifacts/package/meta.json").read_text())
+    gguf = manifest["adapter"]["base"]["gguf"]
+    assert gguf["file"] == SMOLLM2_GGUF and gguf["sha256"].startswith("b179c9523d0e6a0f")
+    evaluate = json.loads((real_run / "metrics/evaluate.json").read_text())
+    assert evaluate["n"] == 4 and 0.0 <= evaluate["adapter"]["stopped_by_eos"] <= 1.0
+
+
+def test_answers_stop_by_end_of_turn_in_transformers_and_llama_cpp(real_run):
+    from llama_cpp import Llama
+
+    from medqlora.evaluate import generation
+    package = real_run / "artifacts/package"
+    model, tokenizer = generation.load_for_generation(package)   # 4-bit base + adapter
+    prompts = [tokenizer(format_messages(tokenizer, [{"role": "user", "content": q}]))[
+        "input_ids"] for q in QUESTIONS]
+    settings = generation.GenerationSettings(MAX_NEW, False, 1.0, 1.0, len(prompts), 0)
+    answers = generation.generate_tokens(model, tokenizer, prompts, settings)
+    assert all(0 < len(a) < MAX_NEW for a in answers), [tokenizer.decode(a) for a in answers]
+
+    gguf = real_run / "export/gguf/smollm2-135m-medqlora-q8_0.gguf"
+    cpp = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, seed=0, verbose=False)
+    for prompt, question in zip(prompts, QUESTIONS):
+        text = format_messages(tokenizer, [{"role": "user", "content": question}])
+        assert cpp.tokenize(text.encode(), add_bos=False, special=True) == prompt
+        out = []
+        for token in cpp.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                  repeat_penalty=1.0):
+            if token == cpp.token_eos() or len(out) == MAX_NEW:
+                break
+            out.append(token)
+        assert cpp.token_eos() == 2 and 0 < len(out) < MAX_NEW, cpp.detokenize(out)
+    modelfile = (real_run / "export/gguf/Modelfile").read_text()
+    assert '{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile

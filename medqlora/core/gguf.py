@@ -28,6 +28,8 @@ from medqlora.core.outputs import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 RECORD = "gguf.json"
+# Bumped whenever the conversion changes, so a folder made by an older one is made again.
+FORMAT = 2   # 2: special tokens from the file's metadata
 
 
 def cache_root() -> Path:
@@ -55,13 +57,13 @@ def materialise(folder: str | Path, gguf_file: str) -> Path:
     parameters on one CPU core), then reused."""
     record = describe(folder, gguf_file)
     out = cache_root() / record["sha256"][:16]
-    if (out / RECORD).is_file() and read_json(out / RECORD).get("sha256") == record["sha256"]:
+    if (out / RECORD).is_file() and read_json(out / RECORD) == {**record, "format": FORMAT}:
         return out
     log.info("materialising %s/%s (sha256 %s) as safetensors in %s", folder, gguf_file,
              record["sha256"][:16], out)
     with atomic_dir(out) as tmp:
         _convert(Path(folder), gguf_file, tmp)
-        write_json(tmp / RECORD, record)
+        write_json(tmp / RECORD, {**record, "format": FORMAT})
     return out
 
 
@@ -85,5 +87,32 @@ def _convert(folder: Path, gguf_file: str, dest: Path) -> None:
                            f"model built from its config (missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]})")
     plain.generation_config = loaded.generation_config
+    _special_tokens_from_metadata(folder / gguf_file, tokenizer, plain)
     plain.save_pretrained(str(dest), safe_serialization=True)
     tokenizer.save_pretrained(str(dest))
+
+
+SPECIAL = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+           "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
+
+
+def special_token_ids(path: Path) -> dict[str, int]:
+    """{"bos": 1, "eos": 2, ...}: the special-token ids the GGUF file itself declares."""
+    from gguf import GGUFReader
+    fields = GGUFReader(str(path)).fields
+    return {name: int(fields[key].parts[fields[key].data[0]][0])
+            for name, key in SPECIAL.items() if key in fields}
+
+
+def _special_tokens_from_metadata(path: Path, tokenizer, model) -> None:
+    """The file's own bos/eos/pad/unk, whatever the transformers version's GGUF conversion
+    guessed: transformers 5.17 gave SmolLM2's tokenizer eos <|im_start|> (id 1) where the
+    file says 2 (<|im_end|>), so every answer would have been trained to end on the token
+    that opens a turn."""
+    ids = special_token_ids(path)
+    for name, token_id in ids.items():
+        setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+    for config in (model.config, model.generation_config):
+        for name, token_id in ids.items():
+            if name != "unk":
+                setattr(config, f"{name}_token_id", token_id)

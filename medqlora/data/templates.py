@@ -92,7 +92,11 @@ def end_of_turn_id(tokenizer: Any) -> int:
             text = ""
         if _SENTINEL in text:
             tail = text.split(_SENTINEL, 1)[1]
-            special = set(tokenizer.all_special_ids)
+            # Special in the vocabulary, not only the few named ones (bos, eos, pad, unk): a
+            # tokenizer whose eos is wrong still marks <|im_end|> as an added special token.
+            special = set(tokenizer.all_special_ids) | {
+                i for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                if getattr(added, "special", False)}
             for token in tokenizer(tail, add_special_tokens=False)["input_ids"]:
                 if token in special:
                     return token
