@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:
 #   make repro   set up .venv (pinned) and run the whole pipeline on the embedded default
-#   make test    the same set-up and llama.cpp (make llama-cpp), then the whole test suite
-#                (what .ci/run calls)
+#   make test    the same set-up, llama.cpp (make llama-cpp) and the real small base (make
+#                smollm2), then the whole test suite (what .ci/run calls)
+#   make repro-smollm2   the pipeline on the real base SmolLM2-135M-Instruct (README)
 # Both are idempotent: the venv is rebuilt only when requirements.lock or pyproject.toml change.
 # Then `source .venv/bin/activate` in each new shell puts python, dvc and medqlora on PATH.
 #   make test-fast   the unmarked tier (no model, no pipeline run): the edit loop, about a minute

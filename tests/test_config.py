@@ -1,7 +1,6 @@
 """params validation: every problem at once, each with its key path; typed settings."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

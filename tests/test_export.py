@@ -13,7 +13,6 @@ its agreement (11 of 12 answers equal), it is not asserted here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

@@ -138,24 +138,35 @@ def test_parse_answer_rejects_non_diagnostic_kinds():
     assert not metrics.is_diagnostic("lab", None)
 
 
-def test_bootstrap_ci_contains_estimate_and_is_deterministic():
+def _accuracy_interval(correct, samples, seed):
+    hits = np.asarray(correct, dtype=float)
+    return metrics.percentile_interval(
+        [hits[idx].mean() for idx in metrics.resample_indices(len(hits), samples, seed)])
+
+
+def test_bootstrap_interval_contains_estimate_and_is_deterministic():
     correct = [True] * 30 + [False] * 20
-    lo, hi = metrics.accuracy_ci(correct, samples=1000, seed=7)
+    lo, hi = _accuracy_interval(correct, samples=1000, seed=7)
     assert lo < 0.6 < hi
     # binomial SE = sqrt(.6*.4/50) = 0.069 -> a 95% interval about +-0.136 wide
     assert 0.2 < hi - lo < 0.35
-    assert metrics.accuracy_ci(correct, samples=1000, seed=7) == [lo, hi]
-    assert metrics.accuracy_ci(correct, samples=1000, seed=8) != [lo, hi]
+    assert _accuracy_interval(correct, samples=1000, seed=7) == [lo, hi]
+    assert _accuracy_interval(correct, samples=1000, seed=8) != [lo, hi]
 
 
-def test_bleu_ci_contains_corpus_bleu_and_is_deterministic():
+def test_bleu_interval_contains_corpus_bleu():
     refs = [f"value {i} is low so the finding is anemia" for i in range(20)]
     hyps = [r if i % 2 else f"value {i} is high" for i, r in enumerate(refs)]
     point = metrics.corpus_bleu(hyps, refs)
-    lo, hi = metrics.bleu_ci(hyps, refs, samples=500, seed=1)
+    stats = metrics.bleu_statistics(hyps, refs)
+    lo, hi = metrics.percentile_interval([metrics.bleu_from_statistics(stats[idx])
+                                          for idx in metrics.resample_indices(20, 500, 1)])
     assert lo <= point <= hi and lo < hi
-    assert metrics.bleu_ci(hyps, refs, samples=500, seed=1) == [lo, hi]
 
 
-def test_bootstrap_of_constant_statistic_is_a_point():
-    assert metrics.accuracy_ci([True] * 5, samples=200, seed=0) == [1.0, 1.0]
+def test_bootstrap_of_constant_statistic_is_a_point_and_undefined_is_none():
+    assert _accuracy_interval([True] * 5, samples=200, seed=0) == [1.0, 1.0]
+    assert metrics.percentile_interval([None, None, 1.0]) is None    # undefined on most
+    assert metrics.percentile_interval([None, 2.0, 2.0]) == [2.0, 2.0]
+    with pytest.raises(ValueError):
+        metrics.resample_indices(0, 10, 0)

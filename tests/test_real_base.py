@@ -154,3 +154,20 @@ def test_answers_stop_by_end_of_turn_in_transformers_and_llama_cpp(real_run):
     modelfile = (real_run / "export/gguf/Modelfile").read_text()
     assert '{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""' in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_serve_answers_real_questions_with_finish_reason_stop(real_run, tmp_path):
+    from test_serving import Served
+    served = Served(["artifacts/package"], real_run, tmp_path / "serve.log",
+                    env={"MEDQLORA_CACHE": os.environ["MEDQLORA_CACHE"]})
+    try:
+        client = served.client()
+        for question in QUESTIONS:
+            reply = client.chat.completions.create(
+                model="smollm2-135m-medqlora", max_tokens=MAX_NEW,
+                messages=[{"role": "user", "content": question}])
+            choice = reply.choices[0]
+            assert choice.finish_reason == "stop" and choice.message.content, choice
+            assert reply.usage.completion_tokens < MAX_NEW
+    finally:
+        served.stop()

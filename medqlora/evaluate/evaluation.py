@@ -36,6 +36,7 @@ Model text goes only to predictions/predictions.jsonl; the log carries counts an
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -50,7 +51,7 @@ import torch
 from medqlora.core.config import Params
 from medqlora.core.memory import EVAL_NLL_TOKENS
 from medqlora.core.outputs import atomic_dir, write_json
-from medqlora.core.provenance import read_meta, write_meta
+from medqlora.core.provenance import write_meta
 from medqlora.evaluate import metrics
 from medqlora.evaluate.generation import GenerationSettings, generate_tokens
 
@@ -270,17 +271,9 @@ def intervals(arrays: dict[str, dict[str, np.ndarray]], samples: int, seed: int,
     interval of the difference that excludes 0 is a difference the items support. Seeded:
     the same intervals on every run."""
     n = len(next(iter(arrays.values()))["nll"])
-    draws = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    draws = metrics.resample_indices(n, samples, seed)
     values = {name: [metric_values(a, idx) for idx in draws] for name, a in arrays.items()}
-    tail = (1.0 - level) / 2 * 100
-
-    def ci(samples_of: list[float | None]) -> list[float] | None:
-        kept = [v for v in samples_of if v is not None]
-        if len(kept) < len(samples_of) / 2:   # the metric is undefined on most resamples
-            return None
-        lo, hi = np.percentile(kept, [tail, 100 - tail])
-        return [float(lo), float(hi)]
-
+    ci = functools.partial(metrics.percentile_interval, level=level)
     per_model = {name: {k: ci([v[k] for v in vals]) for k in SCALARS}
                  for name, vals in values.items()}
     paired = {}

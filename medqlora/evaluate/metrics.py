@@ -4,7 +4,7 @@
     corpus_bleu / sentence_bleu           sacrebleu (0-100), on detokenised text
     rouge_l                               rouge-score ROUGE-L F1 (0-1), accent-aware words
     parse_answer(kind, text)              the diagnostic answer a model's output commits to
-    bootstrap_ci(...)                     seeded percentile 95% interval, items resampled
+    resample_indices / percentile_interval  seeded percentile 95% intervals, items resampled
 
 Nothing here calls `evaluate.load` or any hub: every metric is computed locally.
 """
@@ -14,7 +14,7 @@ import functools
 import math
 import re
 import unicodedata
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -192,32 +192,24 @@ def is_diagnostic(kind: str, label: str | None) -> bool:
 # ---------------------------------------------------------------- bootstrap
 
 
-def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], samples: int,
-                 seed: int, level: float = 0.95) -> list[float]:
-    """Percentile bootstrap interval [lo, hi] of `statistic(indices)` over n items.
-
-    Each of `samples` resamples draws n item indices with replacement from a numpy Generator
-    seeded with `seed`, so the interval is identical on every run. With 1000 samples the 95%
-    bounds are the 2.5th and 97.5th percentiles of the 1000 resampled statistics.
-    """
+def resample_indices(n: int, samples: int, seed: int) -> np.ndarray:
+    """`samples` resamples of n item indices drawn with replacement, shape (samples, n), from a
+    numpy Generator seeded with `seed`: the same draws, so the same intervals, on every run.
+    Scoring two models on the same draws pairs them (evaluation.intervals)."""
     if n <= 0:
         raise ValueError("bootstrap needs at least one item")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(samples, n))
-    values = np.array([statistic(idx) for idx in draws], dtype=float)
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def percentile_interval(values: Sequence[float | None], level: float = 0.95
+                        ) -> list[float] | None:
+    """Percentile bootstrap interval [lo, hi] of a statistic's resampled values: with 1000
+    resamples the 95% bounds are the 2.5th and 97.5th percentiles. None values (the statistic
+    is undefined on that resample, e.g. no generated item drawn) are left out; None when that
+    is most of them."""
+    kept = [v for v in values if v is not None]
+    if not kept or len(kept) < len(values) / 2:
+        return None
     tail = (1.0 - level) / 2 * 100
-    lo, hi = np.percentile(values, [tail, 100 - tail])
+    lo, hi = np.percentile(np.asarray(kept, dtype=float), [tail, 100 - tail])
     return [float(lo), float(hi)]
-
-
-def accuracy_ci(correct: Sequence[bool], samples: int, seed: int) -> list[float]:
-    """Bootstrap 95% interval of the mean of a 0/1 vector."""
-    hits = np.asarray(correct, dtype=float)
-    return bootstrap_ci(len(hits), lambda idx: float(hits[idx].mean()), samples, seed)
-
-
-def bleu_ci(hypotheses: Sequence[str], references: Sequence[str], samples: int,
-            seed: int) -> list[float]:
-    """Bootstrap 95% interval of corpus BLEU, recomputed on every resample of items."""
-    stats = bleu_statistics(hypotheses, references)
-    return bootstrap_ci(len(stats), lambda idx: bleu_from_statistics(stats[idx]), samples, seed)
