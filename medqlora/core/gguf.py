@@ -75,8 +75,7 @@ def _convert(folder: Path, gguf_file: str, dest: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file,
                                                   dtype=torch.float32)
     config = loaded.config
-    config.quantization_config = None
-    if hasattr(config, "quantization_config"):
+    if hasattr(config, "quantization_config"):   # the GGUF "quantizer": the copy is plain
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
