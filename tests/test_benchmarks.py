@@ -315,3 +315,11 @@ def test_evaluate_stage_lists_every_evaluate_key_but_the_benchmark_ones():
         "evaluate.benchmarks", "evaluate.benchmark_batch_size", "evaluate.compare_base"}
     assert "data/benchmarks" in stages["benchmark"]["deps"]
     assert "metrics/benchmark.json" in stages["package"]["deps"]
+
+
+def test_readme_lm_eval_recipe_folder_is_git_ignored():
+    # README's recipe writes a copy of the 4-bit base into models/base-nf4: never committed.
+    assert "s('models/adapter', 'models/base-nf4')" in (ROOT / "README.md").read_text()
+    proc = run(["git", "check-ignore", "-q", "models/base-nf4/model.safetensors"], ROOT,
+               check=False)
+    assert proc.returncode == 0, "models/base-nf4/ is not git-ignored"
