@@ -213,7 +213,7 @@ def test_no_benchmarks_writes_an_empty_result_without_lm_eval_or_torch(tmp_path)
     proc = run([sys.executable, "-c", script], tmp_path, env={"PYTHONPATH": str(ROOT)})
     assert json.loads(proc.stdout.splitlines()[-1]) == [{}, False, False]
     written = json.loads((tmp_path / "benchmark.json").read_text())
-    assert written["tasks"] == {} and written["items"] == 0
+    assert written == {"items": 0, "lm_eval_version": bm.lm_eval_version(), "tasks": {}}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json"]
 
 
@@ -265,6 +265,9 @@ def test_pipeline_numbers_equal_lm_eval_simple_evaluate(samples, tiny_model, tmp
                           tmp_path / "benchmark.json")
     assert sorted(result["tasks"]) == sorted(ALL_TASKS)
     assert result["items"] == 8 * 8 + 6
+    # A function of the inputs: no timing (it is in the log), so a rerun gives the same bytes.
+    assert set(json.loads((tmp_path / "benchmark.json").read_text())) == {
+        "items", "lm_eval_version", "tasks"}
     assert result["tasks"]["medqa_4options"]["num_fewshot"] == 2
     items = {t: [json.loads(line) for line in (tmp_path / f"out/items/{t}.jsonl").open()]
              for t in ALL_TASKS}
@@ -323,3 +326,14 @@ def test_readme_lm_eval_recipe_folder_is_git_ignored():
     proc = run(["git", "check-ignore", "-q", "models/base-nf4/model.safetensors"], ROOT,
                check=False)
     assert proc.returncode == 0, "models/base-nf4/ is not git-ignored"
+
+
+def test_bench_pipeline_summary_reads_benchmark_json_without_timing(tmp_path):
+    from bench.bench_pipeline import summary
+    block = {"acc": 0.25, "acc_stderr": 0.1, "acc_norm": 0.5, "acc_norm_stderr": 0.1}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/benchmark.json").write_text(json.dumps({
+        "items": 8, "lm_eval_version": "0.4.13",
+        "tasks": {"medqa_4options": {"n": 8, "base": block, "adapter": {**block, "acc": 0.5}}}}))
+    assert summary("benchmark", tmp_path) == (
+        "medqa_4options n 8: acc base 0.250, adapter 0.500 (synthetic items)")

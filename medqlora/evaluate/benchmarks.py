@@ -461,9 +461,11 @@ def prompt_shapes(tasks_dir: Path, names: list[str]) -> dict[str, str]:
             + built[name].doc_to_text(TASKS[name].placeholder) for name in names}
 
 
-def summarise(prepared: list[Prepared], runs: dict[str, dict], seconds: dict[str, float]
-              ) -> dict[str, Any]:
-    """metrics/benchmark.json: per task n, shots, base/adapter/delta scores with stderr."""
+def summarise(prepared: list[Prepared], runs: dict[str, dict]) -> dict[str, Any]:
+    """metrics/benchmark.json: per task n, shots, base/adapter/delta scores with stderr.
+
+    No timing: the file is a DVC output and a function of its inputs (the scoring seconds
+    go to the log, as `timing:` lines)."""
     adapter = runs["adapter"]
     tasks = {}
     for item in prepared:
@@ -482,13 +484,15 @@ def summarise(prepared: list[Prepared], runs: dict[str, dict], seconds: dict[str
                           scores["adapter"][m] - base[m]) for m in METRICS} if base else None,
         }
     return {"lm_eval_version": adapter["lm_eval_version"], "tasks": tasks,
-            "seconds": seconds, "items": sum(t["n"] for t in tasks.values())}
+            "items": sum(t["n"] for t in tasks.values())}
 
 
 def score(adapter_dir: str | Path, prepared: list[Prepared], tasks_dir: Path, batch_size: int,
-          compare_base: bool = True) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(metrics, adapter meta, harness results by model): the harness on the base (adapter
-    switched off: LoRA adds B·A to frozen weights, so off *is* the base) and base + adapter."""
+          compare_base: bool = True
+          ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(metrics, adapter meta, harness results by model, scoring seconds by model): the
+    harness on the base (adapter switched off: LoRA adds B·A to frozen weights, so off *is*
+    the base) and base + adapter. The seconds are logged and returned, never in metrics."""
     from lm_eval.models.huggingface import HFLM
     model, tokenizer, meta = load_shipped_model(adapter_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -501,9 +505,9 @@ def score(adapter_dir: str | Path, prepared: list[Prepared], tasks_dir: Path, ba
         with context():
             runs[name] = run_harness(lm, names, tasks_dir)
         seconds[name] = round(time.perf_counter() - start, 2)
-        log.info("benchmark %s: %s in %.1f s", name, {t: task_scores(runs[name], t)["acc"]
-                                                       for t in names}, seconds[name])
-    return summarise(prepared, runs, seconds), meta, runs
+        log.info("benchmark %s: %s", name, {t: task_scores(runs[name], t)["acc"] for t in names})
+        log.info("timing: benchmark %s %.1f s (%s)", name, seconds[name], ", ".join(names))
+    return summarise(prepared, runs), meta, runs, seconds
 
 
 def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
@@ -514,15 +518,14 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
     """
     cfg = params.evaluate
     prepared = check_files(cfg.benchmarks, data_dir)
-    result: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": {},
-                              "seconds": {}, "items": 0}
+    result: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": {}, "items": 0}
     meta: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         if prepared:
             tasks_dir = write_task_folder(prepared, tmp)
             prompts = prompt_shapes(tasks_dir, [p.bench.task for p in prepared])
-            result, meta, runs = score(adapter_dir, prepared, tasks_dir, cfg.benchmark_batch_size,
-                                       cfg.compare_base)
+            result, meta, runs, _ = score(adapter_dir, prepared, tasks_dir,
+                                          cfg.benchmark_batch_size, cfg.compare_base)
             write_items(tmp, runs, [p.bench.task for p in prepared])
             for task, block in result["tasks"].items():
                 # a list: `dvc metrics show` skips lists (a multi-line string breaks its table)
