@@ -106,8 +106,8 @@ def test_wrong_layout_names_file_and_line(tmp_path, task, name, text, expected):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(bm.BenchmarkError) as err:
         bm.check_files((bench(task, f"data/benchmarks/{name}"),), "data/benchmarks", tmp_path)
-    assert any(p.startswith(str(path)) and expected.split(":", 1)[1] in p
-               for p in err.value.problems), err.value.problems
+    assert any(p.startswith(f"evaluate.benchmarks[0].path: {path}") and
+               expected.split(":", 1)[1] in p for p in err.value.problems), err.value.problems
     assert expected.split(":")[0] in str(err.value)
 
 
@@ -123,12 +123,13 @@ def test_every_problem_of_every_file_at_once(tmp_path):
                         bench("mmlu_college_biology", "elsewhere.csv")),
                        "data/benchmarks", tmp_path)
     assert err.value.problems == [
-        f"{folder}/a.csv:1: answer 'X' is not one of A, B, C, D",
-        f"{folder}/a.csv:2: answer 'Y' is not one of A, B, C, D",
-        f"{folder}/m.json: no items (PubMedQA labeled JSON (PMID -> QUESTION, CONTEXTS, "
-        "final_decision))",
+        f"evaluate.benchmarks[0].path: {folder}/a.csv:1: answer 'X' is not one of A, B, C, D",
+        f"evaluate.benchmarks[0].path: {folder}/a.csv:2: answer 'Y' is not one of A, B, C, D",
+        f"evaluate.benchmarks[1].path: {folder}/m.json: no items (PubMedQA labeled JSON (PMID "
+        "-> QUESTION, CONTEXTS, final_decision))",
         "evaluate.benchmarks[2].path: elsewhere.csv is outside data/benchmarks, the folder "
         "dvc.yaml tracks for the benchmark stage; move it there"]
+    assert err.value.count == 4
 
 
 def test_params_rules(tmp_path, samples):
@@ -193,10 +194,99 @@ def test_stage_reports_bad_files_before_loading_any_model(tmp_path):
                 "--adapter", "missing-adapter", "--data", "data/benchmarks", "--out", "out",
                 "--metrics", "benchmark.json"], tmp_path, check=False)
     assert proc.returncode == 1
-    assert (f"{Path('data/benchmarks/test.jsonl')}:1: missing options, answer_idx (MedQA "
-            "4-options layout: question, options {A..D}, answer_idx)") in proc.stderr
+    assert (f"evaluate.benchmarks[0].path: {Path('data/benchmarks/test.jsonl')}:1: missing "
+            "options, answer_idx (MedQA 4-options layout: question, options {A..D}, "
+            "answer_idx)") in proc.stderr
+    assert "benchmark: nothing was run (1 problem(s) in the benchmark files" in proc.stderr
     assert "no model was loaded" in proc.stderr and "loaded base" not in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "benchmark.json").exists()
+
+
+def five_option_project(tmp_path: Path, lines: int = 40) -> Path:
+    """A project whose evaluate.benchmarks lists MedQA's 5-option test file as medqa_4options
+    (jind11/MedQA data_clean/questions/US/test.jsonl: options A-E)."""
+    path = tmp_path / "data/benchmarks/medqa/test.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({
+        "question": f"Question {i}?", "answer": "c", "answer_idx": "C",
+        "options": {k: k.lower() for k in "ABCDE"}, "meta_info": "step1"}) + "\n"
+        for i in range(lines)), encoding="utf-8")
+    rel = "data/benchmarks/medqa/test.jsonl"
+    return write_params(tmp_path / "params.yaml", {
+        "evaluate.benchmarks": [{"task": "medqa_4options", "path": rel}],
+        "data.sources": [{"path": rel, "format": "mcq"}]})
+
+
+FIVE_OPTIONS_HINT = (
+    "evaluate.benchmarks[0].path: data/benchmarks/medqa/test.jsonl: every item has 5 options "
+    "(A-E): this is MedQA's 5-option file (data_clean/questions/US/<split>.jsonl); "
+    "medqa_4options reads the 4-option one, data_clean/questions/US/4_options/"
+    "phrases_no_exclude_test.jsonl (phrases_no_exclude_train.jsonl for fewshot_path)")
+
+
+def test_five_option_medqa_counts_every_line_and_names_the_four_option_file(tmp_path):
+    params = five_option_project(tmp_path)
+    stage = run([sys.executable, str(ROOT / "stages/benchmark.py"), "--params", str(params),
+                 "--adapter", "missing-adapter", "--out", "out", "--metrics", "benchmark.json"],
+                tmp_path, check=False)
+    validate = run([sys.executable, "-m", "medqlora.cli", "validate", "params.yaml"], tmp_path,
+                   check=False, env={"PYTHONPATH": str(ROOT)})
+    listing = [f"evaluate.benchmarks[0].path: data/benchmarks/medqa/test.jsonl:{n}: options must "
+               "map exactly A, B, C, D to texts, got ['A', 'B', 'C', 'D', 'E']"
+               for n in range(1, 21)] + [
+        "evaluate.benchmarks[0].path: data/benchmarks/medqa/test.jsonl: ... and 20 more",
+        FIVE_OPTIONS_HINT]
+    assert (stage.returncode, validate.returncode) == (1, 2)
+    assert [line for line in stage.stderr.splitlines() if line.startswith("evaluate.")] == \
+        listing, stage.stderr[-3000:]
+    assert stage.stderr.splitlines()[-1] == (
+        "benchmark: nothing was run (40 problem(s) in the benchmark files; no model was loaded)")
+    assert validate.stderr.splitlines() == listing + ["params.yaml: 40 problem(s)"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "benchmark.json").exists()
+
+
+def test_validate_reads_every_listed_file_as_the_stage_does(tmp_path):
+    # One bad line among good ones; a MedMCQA test.json (no answers); a params problem too:
+    # all reported at once, each under its key path.
+    params = five_option_project(tmp_path, lines=2)
+    medqa = tmp_path / "data/benchmarks/medqa/test.jsonl"
+    good = {"question": "q", "options": dict(zip("ABCD", "abcd")), "answer_idx": "B"}
+    medqa.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer_idx": "E"}) + "\n")
+    (tmp_path / "data/benchmarks/medmcqa").mkdir()
+    (tmp_path / "data/benchmarks/medmcqa/test.json").write_text("".join(
+        json.dumps({"id": str(i), "question": "q", "opa": "a", "opb": "b", "opc": "c",
+                    "opd": "d"}) + "\n" for i in range(3)))
+    write_params(params, {"evaluate.benchmarks": [
+        {"task": "medqa_4options", "path": "data/benchmarks/medqa/test.jsonl"},
+        {"task": "medmcqa", "path": "data/benchmarks/medmcqa/test.json"}],
+        "lora.r": 0}, base=params)
+    proc = run([sys.executable, "-m", "medqlora.cli", "validate", "params.yaml"], tmp_path,
+               check=False, env={"PYTHONPATH": str(ROOT)})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2
+    assert lines[0].startswith("lora.r: ")
+    mcq = "evaluate.benchmarks[1].path: data/benchmarks/medmcqa/test.json"
+    assert lines[1:] == [
+        "evaluate.benchmarks[0].path: data/benchmarks/medqa/test.jsonl:2: answer_idx 'E' is not "
+        "one of A, B, C, D",
+        *[f"{mcq}:{n}: missing cop (MedMCQA layout: question, opa, opb, opc, opd, cop 1-4; the "
+          "public test.json has no cop)" for n in (1, 2, 3)],
+        f"{mcq}: no item has cop (the answer): this is the public test.json, whose answers are "
+        "not published; score dev.json (fewshot_path: train.json)",
+        "params.yaml: 5 problem(s)"]
+
+
+def test_validate_says_valid_for_well_formed_benchmark_files(samples):
+    root, files = samples
+    params = write_params(root / "params.yaml", {
+        "evaluate.benchmarks": [{"task": t, **f} for t, f in files.items()
+                                if t in ("medqa_4options", "pubmedqa", "mmlu_anatomy")],
+        "data.sources": [{"path": files["medqa_4options"]["path"], "format": "mcq"}]})
+    proc = run([sys.executable, "-m", "medqlora.cli", "validate", str(params)], root,
+               env={"PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip() == f"{params}: valid"
+    assert bm.DATA_DIR in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][
+        "benchmark"]["deps"]
 
 
 def test_no_benchmarks_writes_an_empty_result_without_lm_eval_or_torch(tmp_path):

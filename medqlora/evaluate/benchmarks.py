@@ -7,7 +7,8 @@ Nothing here re-implements a benchmark. For each `evaluate.benchmarks` entry:
 
 1. read the file in its public layout (MedQA-USMLE 4-options JSONL, MedMCQA JSON lines,
    PubMedQA labeled JSON, MMLU header-less CSV) and check every record; all problems of all
-   files are reported at once, by file and line, before any model is loaded;
+   files are reported at once, by key path, file and line, before any model is loaded
+   (`medqlora validate` runs the same check: file_problems);
 2. write the records in the layout the harness task reads from the hub (the columns of
    GBaker/MedQA-USMLE-4-options-hf, openlifescienceai/medmcqa, bigbio/pubmed_qa, cais/mmlu)
    as JSONL, and a task YAML that `include`s the harness's own task file and only points its
@@ -38,7 +39,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from medqlora.core.config import BenchmarkParams, Params
 from medqlora.core.outputs import atomic_dir, write_json
@@ -48,24 +49,31 @@ log = logging.getLogger(__name__)
 LETTERS = ("A", "B", "C", "D")
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
 MAX_PROBLEMS_PER_FILE = 20
+DATA_DIR = "data/benchmarks"  # the stage's --data, its DVC dependency (dvc.yaml)
 METRICS = ("acc", "acc_norm")
 
 
 class BenchmarkError(ValueError):
-    """Every problem found in the benchmark files, one `file:line: message` per line."""
+    """Every problem found in the benchmark files, one `file:line: message` per line.
 
-    def __init__(self, problems: list[str]):
+    `count` is the number of problems: more than the lines when a file's listing was capped
+    ("... and 20 more"), fewer when a line is a hint about the whole file."""
+
+    def __init__(self, problems: list[str], count: int | None = None):
         self.problems = problems
+        self.count = len(problems) if count is None else count
         super().__init__("\n".join(problems))
 
 
 class _Problems:
-    """Problems of one file, capped; raises once at the end."""
+    """Problems of one file, capped; raises once at the end, with a hint about the whole
+    file when every problem is of one kind that has one (e.g. 5-option MedQA)."""
 
     def __init__(self, path: Path):
-        self.path, self.items, self.extra = path, [], 0
+        self.path, self.items, self.extra, self.kinds = path, [], 0, set()
 
-    def add(self, where: str | int | None, message: str) -> None:
+    def add(self, where: str | int | None, message: str, kind: str | None = None) -> None:
+        self.kinds.add(kind)
         if len(self.items) >= MAX_PROBLEMS_PER_FILE:
             self.extra += 1
             return
@@ -73,10 +81,14 @@ class _Problems:
             f"{self.path}: {where}" if where else str(self.path))
         self.items.append(f"{place}: {message}")
 
-    def raise_if_any(self) -> None:
-        if self.items:
-            more = [f"{self.path}: ... and {self.extra} more"] if self.extra else []
-            raise BenchmarkError(self.items + more)
+    def raise_if_any(self, hints: dict[str, str] | None = None) -> None:
+        if not self.items:
+            return
+        lines = self.items + ([f"{self.path}: ... and {self.extra} more"] if self.extra else [])
+        kind = next(iter(self.kinds)) if len(self.kinds) == 1 else None
+        if kind in (hints or {}):
+            lines.append(f"{self.path}: {hints[kind]}")
+        raise BenchmarkError(lines, len(self.items) + self.extra)
 
 
 # ---------------------------------------------------------------- public layouts -> harness rows
@@ -105,6 +117,17 @@ def _json_lines(path: Path, problems: _Problems) -> Iterator[tuple[int, dict]]:
             yield number, record
 
 
+# jind11/MedQA ships each US split twice: data_clean/questions/US/<split>.jsonl with options
+# A-E, and 4_options/phrases_no_exclude_<split>.jsonl, the one medqa_4options scores.
+MEDQA_5_OPTIONS = (
+    "every item has 5 options (A-E): this is MedQA's 5-option file (data_clean/questions/US/"
+    "<split>.jsonl); medqa_4options reads the 4-option one, data_clean/questions/US/4_options/"
+    "phrases_no_exclude_test.jsonl (phrases_no_exclude_train.jsonl for fewshot_path)")
+MEDMCQA_NO_ANSWERS = (
+    "no item has cop (the answer): this is the public test.json, whose answers are not "
+    "published; score dev.json (fewshot_path: train.json)")
+
+
 def read_medqa(path: Path) -> list[dict]:
     """MedQA-USMLE 4 options (jind11/MedQA data_clean/questions/US/4_options/*.jsonl):
     {"question", "options": {"A".."D"}, "answer_idx": "A".."D", ...} per line ->
@@ -125,14 +148,15 @@ def read_medqa(path: Path) -> list[dict]:
         elif not isinstance(options, dict) or sorted(options) != list(LETTERS) or not all(
                 _text(options[k]) for k in LETTERS):
             got = sorted(options) if isinstance(options, dict) else type(options).__name__
-            problems.add(number, f"options must map exactly A, B, C, D to texts, got {got}")
+            problems.add(number, f"options must map exactly A, B, C, D to texts, got {got}",
+                         "5 options" if got == [*LETTERS, "E"] else None)
         elif rec["answer_idx"] not in LETTERS:
             problems.add(number, f"answer_idx {rec['answer_idx']!r} is not one of A, B, C, D")
         else:
             rows.append({"sent1": rec["question"], **{f"ending{i}": options[k] for i, k in
                                                       enumerate(LETTERS)},
                          "label": LETTERS.index(rec["answer_idx"])})
-    problems.raise_if_any()
+    problems.raise_if_any({"5 options": MEDQA_5_OPTIONS})
     return rows
 
 
@@ -147,7 +171,8 @@ def read_medmcqa(path: Path) -> list[dict]:
         cop = rec.get("cop")
         if missing:
             problems.add(number, f"missing {', '.join(missing)} (MedMCQA layout: question, "
-                                 "opa, opb, opc, opd, cop 1-4; the public test.json has no cop)")
+                                 "opa, opb, opc, opd, cop 1-4; the public test.json has no cop)",
+                         "no cop" if missing == ["cop"] else None)
         elif not all(isinstance(rec[k], str) for k in ("question", "opa", "opb", "opc", "opd")):
             problems.add(number, "question and opa..opd must be text")
         elif not isinstance(cop, int) or isinstance(cop, bool) or not 1 <= cop <= 4:
@@ -157,7 +182,7 @@ def read_medmcqa(path: Path) -> list[dict]:
         else:
             rows.append({"id": str(rec.get("id", number)), "question": rec["question"],
                          **{k: rec[k] for k in ("opa", "opb", "opc", "opd")}, "cop": cop - 1})
-    problems.raise_if_any()
+    problems.raise_if_any({"no cop": MEDMCQA_NO_ANSWERS})
     return rows
 
 
@@ -284,44 +309,81 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_files(benchmarks: tuple[BenchmarkParams, ...], data_dir: str | Path,
-                root: str | Path = ".") -> list[Prepared]:
-    """Read and check every benchmark file; raise one BenchmarkError listing all problems.
+def _read_file(task: Task, path: Path) -> tuple[list[dict], list[str], int]:
+    """(rows, problems, number of problems) of one benchmark file."""
+    try:
+        rows = task.read(path)
+    except BenchmarkError as err:
+        return [], err.problems, err.count
+    except UnicodeDecodeError as err:
+        return [], [f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"], 1
+    if not rows:
+        return [], [f"{path}: no items ({task.layout})"], 1
+    return rows, [], 0
 
-    Paths are relative to `root` and must lie under `data_dir` (the folder dvc.yaml tracks
-    as this stage's dependency, so a changed file re-runs the stage).
-    """
+
+def _check(benchmarks: Iterable[tuple[int, BenchmarkParams]], data_dir: str | Path,
+           root: str | Path) -> list[Prepared]:
+    """check_files on (index in evaluate.benchmarks, entry) pairs."""
     problems: list[str] = []
-    out = []
-    for i, bench in enumerate(benchmarks):
+    count, out = 0, []
+    for i, bench in benchmarks:
         task = TASKS[bench.task]
-        read: dict[str, list[dict] | None] = {"path": None, "fewshot_path": None}
+        read: dict[str, list[dict]] = {}
         for key in ("path", "fewshot_path"):
             name = getattr(bench, key)
             if name is None:
                 continue
-            path = Path(root) / name
+            where, path = f"evaluate.benchmarks[{i}].{key}", Path(root) / name
             if not path.is_file():
-                problems.append(f"evaluate.benchmarks[{i}].{key}: {name} not found")
+                found, n = [f"{name} not found"], 1
             elif not _inside(path, Path(root) / data_dir):
-                problems.append(f"evaluate.benchmarks[{i}].{key}: {name} is outside {data_dir}, "
-                                "the folder dvc.yaml tracks for the benchmark stage; move it there")
-            else:
-                try:
-                    read[key] = task.read(path)
-                except BenchmarkError as err:
-                    problems.extend(err.problems)
-                except UnicodeDecodeError as err:
-                    problems.append(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
-                else:
-                    if not read[key]:
-                        problems.append(f"{path}: no items ({task.layout})")
-        if read["path"]:
+                found, n = [f"{name} is outside {data_dir}, the folder dvc.yaml tracks for the "
+                            "benchmark stage; move it there"], 1
+            else:  # a capped listing counts its problems, not its lines
+                read[key], found, n = _read_file(task, path)
+            count += n
+            problems.extend(f"{where}: {problem}" for problem in found)
+        if read.get("path"):
             out.append(Prepared(bench, read["path"][:bench.limit], len(read["path"]),
-                                read["fewshot_path"], _sha256(Path(root) / bench.path)))
+                                read.get("fewshot_path"), _sha256(Path(root) / bench.path)))
     if problems:
-        raise BenchmarkError(problems)
+        raise BenchmarkError(problems, count)
     return out
+
+
+def check_files(benchmarks: tuple[BenchmarkParams, ...], data_dir: str | Path,
+                root: str | Path = ".") -> list[Prepared]:
+    """Read and check every benchmark file; raise one BenchmarkError listing all problems,
+    each as `evaluate.benchmarks[i].path: file:line: message`.
+
+    Paths are relative to `root` and must lie under `data_dir` (the folder dvc.yaml tracks
+    as this stage's dependency, so a changed file re-runs the stage).
+    """
+    return _check(enumerate(benchmarks), data_dir, root)
+
+
+def file_problems(entries: Any, data_dir: str | Path = DATA_DIR,
+                  root: str | Path = ".") -> BenchmarkError | None:
+    """For `medqlora validate`: what the benchmark stage's first step (check_files) would
+    report about the files of a params file's `evaluate.benchmarks` list, read as the stage
+    reads them. Entries the schema refuses and files that are missing are left out: the
+    params validation reports those."""
+    usable = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not (isinstance(entry, dict) and entry.get("task") in TASKS and isinstance(
+                entry.get("path"), str) and (Path(root) / entry["path"]).is_file()):
+            continue
+        fewshot = entry.get("fewshot_path")
+        fewshot = fewshot if isinstance(fewshot, str) and (Path(root) / fewshot).is_file() \
+            else None
+        usable.append((i, BenchmarkParams(task=entry["task"], path=entry["path"],
+                                          fewshot_path=fewshot, num_fewshot=0, limit=None)))
+    try:
+        _check(usable, data_dir, root)
+    except BenchmarkError as err:
+        return err
+    return None
 
 
 def lm_eval_version() -> str | None:
