@@ -8,6 +8,9 @@ tests/test_pipeline.py does the same through `dvc repro` against the `lm_eval` c
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,25 +165,62 @@ def test_params_rules(tmp_path, samples):
         "evaluate.benchmarks[2].task: mmlu_anatomy is listed twice"]
 
 
-def test_task_yaml_includes_the_harness_task_and_only_points_its_data(samples, tmp_path):
+OURS = {"task", "dataset_path", "dataset_name", "custom_dataset", "dataset_kwargs", "test_split",
+        "validation_split", "training_split", "fewshot_split", "num_fewshot"}
+
+
+def test_task_yaml_is_the_harness_task_with_only_its_data_pointed_at_local_files(samples,
+                                                                                 tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml
     root, files = samples
     prepared = bm.check_files((bench("medmcqa", files["medmcqa"]["path"]),),
                               "data/benchmarks", root)
     tasks = bm.write_task_folder(prepared, tmp_path)
-    config = yaml.safe_load((tasks / "medmcqa.yaml").read_text(encoding="utf-8"))
-    harness = bm.harness_dir() / "medmcqa/medmcqa.yaml"
-    assert config == {"include": str(harness), "task": "medmcqa", "dataset_path": "json",
-                      "dataset_name": None,
-                      "dataset_kwargs": {"data_files": {
-                          "test": str(tmp_path / "data/medmcqa.test.jsonl")}},
-                      "test_split": "test", "validation_split": None, "training_split": None,
-                      "fewshot_split": None, "num_fewshot": 0}
-    assert "doc_to_text: !function utils_medmcqa.doc_to_text" in harness.read_text()
+    harness = (bm.harness_dir() / "medmcqa/medmcqa.yaml").resolve()
+    # Read by lm_eval's own loader: every harness key but the data's is the harness's value,
+    # its prompt function now resolved next to the task file, in a copy of the same module.
+    ours, theirs = (load_yaml(path, resolve_func=False) for path in (tasks / "medmcqa.yaml",
+                                                                    harness))
+    assert {k: v for k, v in ours.items() if k not in OURS} == {
+        k: v.replace(str(harness.parent), str(tasks)) if isinstance(v, str) else v
+        for k, v in theirs.items() if k not in OURS}
+    assert ours["doc_to_text"] == f"{tasks}/utils_medmcqa.doc_to_text"
+    assert (tasks / "utils_medmcqa.py").read_bytes() == (
+        harness.parent / "utils_medmcqa.py").read_bytes()
+    assert {k: ours[k] for k in OURS} == {
+        "task": "medmcqa", "dataset_path": None, "dataset_name": None,
+        "custom_dataset": f"{tasks}/task_data.load",
+        "dataset_kwargs": {"data_files": {"test": "../data/medmcqa.test.jsonl"}},
+        "test_split": "test", "validation_split": None, "training_split": None,
+        "fewshot_split": None, "num_fewshot": 0}
+    assert sorted(p.name for p in tasks.iterdir()) == ["medmcqa.yaml", "task_data.py",
+                                                       "utils_medmcqa.py"]
     rows = [json.loads(line) for line in (tmp_path / "data/medmcqa.test.jsonl").open()]
     assert rows == prepared[0].rows
     shapes = bm.prompt_shapes(tasks, ["medmcqa"])
     assert shapes == {"medmcqa": "Question: <question>\nChoices:\nA. <option A>\nB. <option B>\n"
                                  "C. <option C>\nD. <option D>\nAnswer:"}
+
+
+def test_task_folder_bytes_do_not_depend_on_where_the_checkout_lies(samples, tmp_path):
+    # Two checkouts of one project in different folders: the same task folder, byte for byte
+    # (no path of the checkout, nor of the venv's lm_eval, in any file).
+    root, files = samples
+    benches = tuple(bench(t, files[t]["path"], fewshot_path=files[t]["fewshot_path"],
+                          num_fewshot=1) for t in ALL_TASKS)
+    folders = []
+    for name in ("one", "elsewhere/two"):
+        checkout = tmp_path / name
+        shutil.copytree(root / "data", checkout / "data")
+        prepared = bm.check_files(benches, "data/benchmarks", checkout)
+        folders.append(bm.write_task_folder(prepared, checkout / "benchmarks").parent)
+    trees = [{p.relative_to(f).as_posix(): p.read_bytes() for p in sorted(f.rglob("*"))
+              if p.is_file()} for f in folders]
+    assert trees[0] == trees[1]
+    assert len([name for name in trees[0] if name.endswith(".yaml")]) == len(ALL_TASKS)
+    text = b"".join(trees[0].values())
+    for folder in (tmp_path, bm.harness_dir(), bm.harness_dir().resolve()):
+        assert str(folder).encode() not in text
 
 
 def test_stage_reports_bad_files_before_loading_any_model(tmp_path):
@@ -377,6 +417,57 @@ def test_pipeline_numbers_equal_lm_eval_simple_evaluate(samples, tiny_model, tmp
             for mine, their in zip(items[task], theirs):
                 assert mine[name]["loglikelihoods"] == pytest.approx(
                     [float(r[0]) for r in their["filtered_resps"]], abs=1e-6)
+
+
+BENCHMARK_CALL = """
+import logging, sys, yaml
+from medqlora.core.config import build_params
+logging.basicConfig(level=logging.INFO)
+from medqlora.evaluate.benchmarks import benchmark
+params = build_params(yaml.safe_load(open(sys.argv[1], encoding="utf-8")))
+benchmark(params, sys.argv[2], "data/benchmarks", "benchmarks", "metrics/benchmark.json")
+"""
+
+
+@pytest.mark.slow
+def test_benchmark_leaves_no_data_in_home_and_same_bytes_in_any_checkout(samples, tiny_model,
+                                                                         tmp_path):
+    """The stage's library call, from two checkouts in different folders, each with its own
+    empty HOME and no HF_HOME / HF_DATASETS_CACHE: nothing appears under $HOME/.cache (no
+    datasets cache holds a copy of the items), and every output is the same bytes."""
+    from tests.adapter_fixture import make_adapter
+    root, files = samples
+    adapter = make_adapter(str(tiny_model), tmp_path / "adapter", steps=2)
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    doc["evaluate"]["benchmark_batch_size"] = 8
+    doc["evaluate"]["benchmarks"] = [
+        {"task": "medqa_4options", **files["medqa_4options"], "num_fewshot": 1},
+        {"task": "pubmedqa", "path": files["pubmedqa"]["path"], "limit": 4}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME", "MEDQLORA_CACHE")}
+    outputs = []
+    for name in ("one", "elsewhere/two"):
+        checkout, home = tmp_path / name, tmp_path / f"home-{name.replace('/', '-')}"
+        shutil.copytree(root / "data", checkout / "data")
+        home.mkdir()
+        proc = subprocess.run([sys.executable, "-c", BENCHMARK_CALL, str(tmp_path / "params.yaml"),
+                               str(adapter)], cwd=checkout, capture_output=True, text=True,
+                              env={**env, "HOME": str(home), "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not (home / ".cache").exists(), sorted(map(str, home.rglob("*")))[:5]
+        assert "timing: benchmark adapter " in proc.stderr  # the log has the time, no output
+        outputs.append({p.relative_to(checkout).as_posix(): p.read_bytes()
+                        for folder in ("benchmarks", "metrics") for p in
+                        sorted((checkout / folder).rglob("*")) if p.is_file()})
+    assert sorted(outputs[0]) == [
+        "benchmarks/data/medqa_4options.fewshot.jsonl", "benchmarks/data/medqa_4options.test.jsonl",
+        "benchmarks/data/pubmedqa.test.jsonl", "benchmarks/items/medqa_4options.jsonl",
+        "benchmarks/items/pubmedqa.jsonl", "benchmarks/meta.json",
+        "benchmarks/tasks/medqa_4options.yaml", "benchmarks/tasks/preprocess_medqa.py",
+        "benchmarks/tasks/preprocess_pubmedqa.py", "benchmarks/tasks/pubmedqa.yaml",
+        "benchmarks/tasks/task_data.py", "metrics/benchmark.json"]
+    assert [name for name in outputs[0] if outputs[0][name] != outputs[1][name]] == []
 
 
 def test_model_card_table_states_the_protocol():

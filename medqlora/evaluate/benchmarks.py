@@ -11,9 +11,12 @@ Nothing here re-implements a benchmark. For each `evaluate.benchmarks` entry:
    (`medqlora validate` runs the same check: file_problems);
 2. write the records in the layout the harness task reads from the hub (the columns of
    GBaker/MedQA-USMLE-4-options-hf, openlifescienceai/medmcqa, bigbio/pubmed_qa, cais/mmlu)
-   as JSONL, and a task YAML that `include`s the harness's own task file and only points its
-   dataset at that JSONL (`dataset_path: json`): prompts, answer choices, metrics (acc,
-   acc_norm and their stderr) and few-shot sampling stay the harness's;
+   as JSONL, and a task YAML that is the harness's own task file (its includes merged, its
+   prompt modules copied beside it: medqlora/evaluate/harness_tasks.py) with only its data
+   source set: task_data.py, copied beside it too, reads the JSONL into memory. Prompts,
+   answer choices, metrics (acc, acc_norm and their stderr) and few-shot sampling stay the
+   harness's; every path in the folder is relative to it, so its bytes are the same in any
+   checkout, and no datasets cache (~/.cache/huggingface/datasets) gets a copy of the items;
 3. score the base and base + adapter exactly as shipped (the 4-bit base of the adapter's
    meta.json, loaded by medqlora.core.modeling, LoRA attached by peft; the base is the same model
    with the adapter switched off) with `lm_eval.simple_evaluate` on an `HFLM` wrapping it.
@@ -410,40 +413,55 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def task_config(prepared: Prepared, data_dir: Path) -> dict[str, Any]:
-    """The task YAML: the harness's own task file, with only its data source and shots set.
+DATA_MODULE = "task_data.py"  # medqlora/evaluate/task_data.py, copied beside the task files
 
-    Split names are plumbing: the scored file becomes split `test`, the few-shot file split
-    `train`, read by the harness's json loader from absolute paths.
+
+def task_config(prepared: Prepared) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(the task YAML, the module files it needs): the harness's own task file with its
+    includes merged in (harness_tasks.flatten), only its data source and shots set.
+
+    The data is read by task_data.load (`custom_dataset`) from JSONL files given relative to
+    the task folder, into memory: the folder's bytes do not depend on where the checkout or
+    the venv lies, and no datasets cache gets a copy of the items. Split names are plumbing:
+    the scored file is split `test`, the few-shot file split `train`.
     """
+    from medqlora.evaluate import harness_tasks
     bench = prepared.bench
     harness_yaml = harness_dir() / TASKS[bench.task].harness_yaml
     if not harness_yaml.is_file():
         raise BenchmarkError([f"evaluate.benchmarks: task {bench.task}: {harness_yaml} is missing "
                               f"from lm_eval {lm_eval_version()}"])
-    files = {"test": str((data_dir / f"{bench.task}.test.jsonl").resolve())}
+    config, modules = harness_tasks.flatten(harness_yaml)
+    if DATA_MODULE in modules:
+        raise BenchmarkError([f"{harness_yaml}: uses a module named {DATA_MODULE}, the name of "
+                              "medqlora's data loader; rename medqlora/evaluate/task_data.py"])
+    files = {"test": f"../data/{bench.task}.test.jsonl"}
     if prepared.fewshot_rows:
-        files["train"] = str((data_dir / f"{bench.task}.fewshot.jsonl").resolve())
+        files["train"] = f"../data/{bench.task}.fewshot.jsonl"
     shots = "train" if prepared.fewshot_rows else None
-    return {"include": str(harness_yaml), "task": bench.task, "dataset_path": "json",
-            "dataset_name": None, "dataset_kwargs": {"data_files": files},
-            "test_split": "test", "validation_split": None, "training_split": shots,
-            "fewshot_split": shots, "num_fewshot": bench.num_fewshot}
+    config.update({"task": bench.task, "dataset_path": None, "dataset_name": None,
+                   "custom_dataset": harness_tasks.Function("task_data.load"),
+                   "dataset_kwargs": {"data_files": files}, "test_split": "test",
+                   "validation_split": None, "training_split": shots, "fewshot_split": shots,
+                   "num_fewshot": bench.num_fewshot})
+    return config, {**modules, DATA_MODULE: Path(__file__).with_name(DATA_MODULE)}
 
 
 def write_task_folder(prepared: list[Prepared], out: Path) -> Path:
-    """out/data/<task>.{test,fewshot}.jsonl and out/tasks/<task>.yaml; returns out/tasks."""
-    import yaml
+    """out/data/<task>.{test,fewshot}.jsonl, and out/tasks/<task>.yaml with the modules they
+    name (the harness's prompt functions, task_data.py); returns out/tasks."""
+    from medqlora.evaluate import harness_tasks
     (out / "data").mkdir(parents=True, exist_ok=True)
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     for item in prepared:
         _write_jsonl(out / "data" / f"{item.bench.task}.test.jsonl", item.rows)
         if item.fewshot_rows:
             _write_jsonl(out / "data" / f"{item.bench.task}.fewshot.jsonl", item.fewshot_rows)
-        config = task_config(item, out / "data")
-        (out / "tasks" / f"{item.bench.task}.yaml").write_text(
-            "# Generated by medqlora.evaluate.benchmarks: the harness's task, on local files.\n"
-            + yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        config, modules = task_config(item)
+        header = (f"# Generated by medqlora.evaluate.benchmarks: lm_eval {lm_eval_version()}'s "
+                  f"{TASKS[item.bench.task].harness_yaml} (includes merged),\n# on the local "
+                  "files in ../data, read into memory by task_data.py.\n")
+        harness_tasks.write(out / "tasks" / f"{item.bench.task}.yaml", config, modules, header)
     return out / "tasks"
 
 
@@ -469,6 +487,17 @@ def save_quantized_base(adapter_dir: str | Path, out: str | Path) -> Path:
     base.save_pretrained(str(out))
     saved_tokenizer(adapter_dir, model_params).save_pretrained(str(out))
     return Path(out)
+
+
+class _NoMetadataHint(logging.Filter):
+    """Drops lm_eval's warning, for every task with a `custom_dataset`, that `--metadata` can
+    pass it kwargs: task_data.load takes none, so the warning would only repeat per task."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataHint())
 
 
 def run_harness(lm, tasks: list[str], tasks_dir: Path) -> dict[str, Any]:
@@ -592,10 +621,6 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
             for task, block in result["tasks"].items():
                 # a list: `dvc metrics show` skips lists (a multi-line string breaks its table)
                 block["prompt_lines"] = prompts[task].split("\n")
-            # The folder is renamed into place: point the YAMLs at their final location.
-            for path in (tmp / "tasks").glob("*.yaml"):
-                path.write_text(path.read_text(encoding="utf-8").replace(
-                    str(tmp.resolve()), str(Path(out_dir).resolve())), encoding="utf-8")
         write_meta(tmp, stage="benchmark",
                    params={"evaluate": {"benchmarks": params.raw["evaluate"]["benchmarks"],
                                         "benchmark_batch_size": cfg.benchmark_batch_size,
