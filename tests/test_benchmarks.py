@@ -470,6 +470,19 @@ def test_benchmark_leaves_no_data_in_home_and_same_bytes_in_any_checkout(samples
     assert [name for name in outputs[0] if outputs[0][name] != outputs[1][name]] == []
 
 
+def test_stages_point_the_datasets_cache_inside_the_project(tmp_path):
+    # Set before datasets is imported, over a shell's HF_DATASETS_CACHE (often a shared folder);
+    # MEDQLORA_CACHE moves it with the rest of the project's cache.
+    script = ("from medqlora.core import stage\nstage.datasets_cache_in_project()\n"
+              "import datasets\nprint(datasets.config.HF_DATASETS_CACHE)\n")
+    env = {"PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "shared")}
+    proc = run([sys.executable, "-c", script], tmp_path, env=env)
+    assert proc.stdout.strip() == str(tmp_path / ".cache/medqlora/datasets")
+    proc = run([sys.executable, "-c", script], tmp_path,
+               env={**env, "MEDQLORA_CACHE": str(tmp_path / "elsewhere")})
+    assert proc.stdout.strip() == str(tmp_path / "elsewhere/datasets")
+
+
 def test_model_card_table_states_the_protocol():
     from medqlora.ship.modelcard import _benchmarks
     block = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05}
