@@ -258,8 +258,8 @@ def five_option_project(tmp_path: Path, lines: int = 40) -> Path:
 
 
 FIVE_OPTIONS_HINT = (
-    "evaluate.benchmarks[0].path: data/benchmarks/medqa/test.jsonl: every item has 5 options "
-    "(A-E): this is MedQA's 5-option file (data_clean/questions/US/<split>.jsonl); "
+    "evaluate.benchmarks[0].path: data/benchmarks/medqa/test.jsonl: every bad line has 5 "
+    "options (A-E), as MedQA's 5-option files do (data_clean/questions/US/<split>.jsonl); "
     "medqa_4options reads the 4-option one, data_clean/questions/US/4_options/"
     "phrases_no_exclude_test.jsonl (phrases_no_exclude_train.jsonl for fewshot_path)")
 
@@ -311,8 +311,8 @@ def test_validate_reads_every_listed_file_as_the_stage_does(tmp_path):
         "one of A, B, C, D",
         *[f"{mcq}:{n}: missing cop (MedMCQA layout: question, opa, opb, opc, opd, cop 1-4; the "
           "public test.json has no cop)" for n in (1, 2, 3)],
-        f"{mcq}: no item has cop (the answer): this is the public test.json, whose answers are "
-        "not published; score dev.json (fewshot_path: train.json)",
+        f"{mcq}: every bad line lacks cop (the answer), as the public test.json does (its "
+        "answers are not published); score dev.json (fewshot_path: train.json)",
         "params.yaml: 5 problem(s)"]
 
 

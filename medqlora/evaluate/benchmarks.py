@@ -123,12 +123,12 @@ def _json_lines(path: Path, problems: _Problems) -> Iterator[tuple[int, dict]]:
 # jind11/MedQA ships each US split twice: data_clean/questions/US/<split>.jsonl with options
 # A-E, and 4_options/phrases_no_exclude_<split>.jsonl, the one medqa_4options scores.
 MEDQA_5_OPTIONS = (
-    "every item has 5 options (A-E): this is MedQA's 5-option file (data_clean/questions/US/"
+    "every bad line has 5 options (A-E), as MedQA's 5-option files do (data_clean/questions/US/"
     "<split>.jsonl); medqa_4options reads the 4-option one, data_clean/questions/US/4_options/"
     "phrases_no_exclude_test.jsonl (phrases_no_exclude_train.jsonl for fewshot_path)")
 MEDMCQA_NO_ANSWERS = (
-    "no item has cop (the answer): this is the public test.json, whose answers are not "
-    "published; score dev.json (fewshot_path: train.json)")
+    "every bad line lacks cop (the answer), as the public test.json does (its answers are not "
+    "published); score dev.json (fewshot_path: train.json)")
 
 
 def read_medqa(path: Path) -> list[dict]:
