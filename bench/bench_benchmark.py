@@ -32,7 +32,8 @@ from medqlora.evaluate import benchmarks as bm
 def time_medqa(adapter: str | Path, items: int = 1273, batch_size: int | str = 16,
                num_fewshot: int = 0, workdir: str | Path | None = None) -> dict:
     """Score `items` synthetic MedQA-4 items with base and base + adapter; return the timings
-    and the harness's metrics (benchmark.json's shape, plus load and request counts)."""
+    and the harness's metrics (benchmark.json's shape, plus scoring seconds per model, load
+    time and device)."""
     import torch
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-medqa-"))
     files = write_samples(work / "data/benchmarks", n_test=8, n_fewshot=max(num_fewshot, 1),
@@ -45,7 +46,8 @@ def time_medqa(adapter: str | Path, items: int = 1273, batch_size: int | str = 1
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result, _, _ = bm.score(adapter, prepared, tasks_dir, batch_size)
+    result, _, _, seconds = bm.score(adapter, prepared, tasks_dir, batch_size)
+    result["seconds"] = seconds  # scoring time per model (benchmark.json carries none)
     result["wall_s"] = round(time.perf_counter() - start, 1)  # model load + base + adapter
     result["peak_gib"] = (round(torch.cuda.max_memory_allocated() / 2**30, 2)
                           if torch.cuda.is_available() else None)

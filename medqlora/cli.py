@@ -1,6 +1,7 @@
 """The `medqlora` command: validate params; verify, run, serve and export packages.
 
     medqlora validate [PATH]      exit 0 when valid, 2 with one `key.path: problem` per line
+                                  (the evaluate.benchmarks files read and checked too)
     medqlora verify DIR           exit 0 when a package matches its manifest, 1 naming each
                                   missing, extra or altered file
     medqlora generate --package DIR (--prompt TEXT | --file JSONL) [--merged] [--stats]
@@ -19,26 +20,41 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
-from medqlora.core.config import ParamsError, load_params, warnings_for
+from medqlora.core.config import (ParamsError, build_params, load_params, read_yaml,
+                                  validate_document, warnings_for)
 from medqlora.ship.serve.guards import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES
 
 EXIT_INVALID = 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate a params file: every problem at once, each with its key path."""
+    """Validate a params file: every problem at once, each with its key path; the benchmark
+    files it lists are read and checked as the benchmark stage's first step checks them."""
+    from medqlora.evaluate.benchmarks import file_problems
     try:
-        params = load_params(args.path)
+        doc = read_yaml(args.path)
     except ParamsError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
-        print(f"{args.path}: {len(err.problems)} problem(s)", file=sys.stderr)
-        return EXIT_INVALID
-    for note in warnings_for(params):
+        return _invalid(args.path, err.problems, len(err.problems))
+    problems = validate_document(doc, Path.cwd())
+    evaluate = doc.get("evaluate") if isinstance(doc, dict) else None
+    files = file_problems(evaluate.get("benchmarks") if isinstance(evaluate, dict) else None)
+    if files is not None:  # a file's listing is capped: count its problems, not its lines
+        return _invalid(args.path, problems + files.problems, len(problems) + files.count)
+    if problems:
+        return _invalid(args.path, problems, len(problems))
+    for note in warnings_for(build_params(doc)):
         print(f"warning: {note}", file=sys.stderr)
     print(f"{args.path}: valid")
     return 0
+
+
+def _invalid(path: str, problems: list[str], count: int) -> int:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{path}: {count} problem(s)", file=sys.stderr)
+    return EXIT_INVALID
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     except BenchmarkError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
-        print(f"benchmark: nothing was run ({len(err.problems)} problem(s) in the benchmark "
-              "files; no model was loaded)", file=sys.stderr)
+        print(f"benchmark: nothing was run ({err.count} problem(s) in the benchmark files; "
+              "no model was loaded)", file=sys.stderr)
         return 1
     return 0
 

@@ -1,13 +1,21 @@
 """Atomic outputs: all or nothing, and what an interrupted write left is cleared next time."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 
+from medqlora.core import outputs
 from medqlora.core.outputs import atomic_dir, atomic_file, read_json, sha256_tree, write_json
+from tests.conftest import ROOT
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -95,3 +103,73 @@ def test_meta_json_is_the_same_bytes_at_any_commit(tmp_path, monkeypatch):
         metas.append((repo / "out" / "meta.json").read_bytes())
     assert metas[0] == metas[1]
     assert set(meta) == {"stage", "params", "inputs", "libraries", "runner"}
+
+
+# ---------------------------------------------------------------- full disk, quota, ulimit -f
+
+@pytest.mark.parametrize("code, why", [
+    (errno.ENOSPC, "No space left on device (the disk holding {folder} is full)"),
+    (errno.EDQUOT, "Disk quota exceeded (the disk quota on {folder} is used up)"),
+    (errno.EFBIG, "File too large (a file would exceed the largest file this process may "
+                  "write (`ulimit -f`) or that the filesystem holding {folder} allows)")])
+def test_every_full_disk_errno_names_the_output(tmp_path, code, why):
+    def full(*_):
+        raise OSError(code, os.strerror(code))
+    out = tmp_path / "metrics.json"
+    with pytest.raises(outputs.OutputNotWritten) as info:
+        with atomic_file(out) as handle:
+            handle.write("{")
+            full()
+    assert info.value.errno == code
+    assert info.value.strerror == (f"{out}: cannot write this output: "
+                                   f"{why.format(folder=tmp_path)}; the previous output, if "
+                                   "any, was left untouched")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _limit_file_size(limit: int):
+    """preexec_fn: what `ulimit -f` does, with SIGXFSZ ignored (CPython's own default) so
+    the write fails with EFBIG instead of the child being killed."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+WRITE_UNDER_LIMIT = """
+import sys
+from pathlib import Path
+from medqlora.core.outputs import OutputNotWritten, atomic_dir, atomic_file
+out = Path(sys.argv[1])
+for what in ("file", "dir"):
+    try:
+        if what == "file":
+            with atomic_file(out / "m.json") as handle:
+                handle.write("x" * 10_000)
+        else:
+            with atomic_dir(out / "adapter") as tmp:
+                (tmp / "small.txt").write_text("fits")
+                (tmp / "weights").write_bytes(b"y" * 10_000)
+    except OutputNotWritten as err:
+        print(err.strerror)
+"""
+
+
+def test_a_file_size_limit_fails_clearly_and_keeps_the_previous_output(tmp_path):
+    # 10,000-byte writes under a 4,096-byte `ulimit -f`: EFBIG in the middle of each.
+    write_json(tmp_path / "m.json", {"previous": 1})
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "weights").write_bytes(b"previous")
+    proc = subprocess.run([sys.executable, "-c", WRITE_UNDER_LIMIT, str(tmp_path)],
+                          capture_output=True, text=True, preexec_fn=_limit_file_size(4096),
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    why = (f"File too large (a file would exceed the largest file this process may write "
+           f"(`ulimit -f`) or that the filesystem holding {tmp_path} allows); the previous "
+           "output, if any, was left untouched")
+    assert proc.stdout.splitlines() == [
+        f"{tmp_path / 'm.json'}: cannot write this output: {why}",
+        f"{tmp_path / 'adapter'}: cannot write this output: {why}"], proc.stderr
+    assert read_json(tmp_path / "m.json") == {"previous": 1}
+    assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["weights"]
+    assert (tmp_path / "adapter" / "weights").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "m.json"]  # no temp left

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import resource
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from adapter_fixture import adapter_params, make_adapter, write_test_split
-from conftest import ROOT, run
+from conftest import ROOT, run, write_params
 from medqlora.ship import merging
 from medqlora.ship import packaging
 from medqlora.ship.manifest import verify
@@ -170,6 +174,56 @@ def test_rebuild_with_other_timings_is_byte_identical(built, tmp_path):
     again = tree_bytes(tmp_path / "package")
     assert set(again) == set(tree_bytes(pkg)) == EXPECTED
     assert [name for name, data in tree_bytes(pkg).items() if again[name] != data] == []
+
+
+# The package stage as DVC runs it, with os.link refused (merged/ on another filesystem than
+# models/merged, so its weights are copied, not hard-linked).
+PACKAGE_WITHOUT_LINKS = """
+import os, runpy, sys
+def refuse(src, dst):
+    raise OSError(18, os.strerror(18))  # EXDEV
+os.link = refuse
+sys.argv = ["stages/package.py", *sys.argv[1:]]
+runpy.run_path("stages/package.py", run_name="__main__")
+"""
+
+
+def _limit_file_size(limit: int):
+    """preexec_fn: `ulimit -f`, SIGXFSZ ignored (as CPython does) so writes fail with EFBIG."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit, links", [(100_000, True), (2_000_000, False)],
+                         ids=["adapter-copy", "merged-copy"])
+def test_package_stage_under_ulimit_fails_clearly_and_keeps_previous(built, tmp_path, limit,
+                                                                     links):
+    """A 100 kB limit stops the adapter's copy (630 kB); 2 MB with hard links refused stops
+    merged/model.safetensors' copy (7.3 MB). Either way: exit 1, one line naming the output,
+    the previous package byte for byte, nothing else inside or beside it."""
+    inputs, _, pkg = built
+    out = tmp_path / "artifacts" / "package"
+    shutil.copytree(pkg, out)
+    before = tree_bytes(out)
+    params = write_params(tmp_path / "params.yaml", {"package.include_merged": True})
+    args = ["--params", str(params), "--adapter", str(inputs["adapter"]), "--merged",
+            str(inputs["merged"]), "--metrics-dir", str(inputs["metrics"]), "--plots",
+            str(inputs["plots"]), "--out", str(out)]
+    cmd = [sys.executable, "stages/package.py", *args] if links else [
+        sys.executable, "-c", PACKAGE_WITHOUT_LINKS, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=_limit_file_size(limit),
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"package: {out}: cannot write this output: File too large (a file would exceed "
+            "the largest file this process may write (`ulimit -f`)") in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert tree_bytes(out) == before
+    assert [p.name for p in out.parent.iterdir()] == ["package"]  # no .package.tmp-* beside
 
 
 @pytest.mark.slow

@@ -549,6 +549,32 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, 
 
 
 @pytest.mark.slow
+def test_train_stage_leaves_no_data_in_home(base, data, tmp_path):
+    """The train stage with an empty HOME and no HF_HOME / HF_DATASETS_CACHE: datasets
+    (Dataset over the parquet table, in memory) writes nothing under $HOME/.cache, nor in the
+    project's own datasets cache ($MEDQLORA_CACHE/datasets, where the stage points it)."""
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in {"model.base": str(base), **SHORT, "train.max_steps": 2}.items():
+        set_key(doc, key, value)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    home, cache, out = tmp_path / "home", tmp_path / "project-cache", tmp_path / "out"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")}
+    proc = subprocess.run(
+        [sys.executable, "stages/train.py", "--params", str(params_file), "--data", str(data),
+         "--out", str(out / "adapter"), "--checkpoints", str(out / "ckpt"), "--live", "none",
+         "--metrics", str(out / "train.json")], cwd=ROOT, capture_output=True, text=True,
+        env={**env, "HOME": str(home), "MEDQLORA_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "train.json").read_text())["global_step"] == 2
+    assert not (home / ".cache").exists(), sorted(map(str, home.rglob("*")))[:5]
+    assert not any(p.is_file() for p in cache.rglob("*")), sorted(cache.rglob("*"))[:5]
+
+
+@pytest.mark.slow
 def test_rerun_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(short_run, data,
                                                                           tmp_path, caplog):
     # Killed after checkpoint-6 (the last step) but before the outputs were written: the

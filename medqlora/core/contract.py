@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "dvc.yaml"
 PARAMS_FILE = "params.yaml"
 # Project files a module reads by itself (not through a path argument): deps of every stage
-# that imports the module. The schema fills in defaults, so it shapes the resolved params.
-MODULE_FILES = {"medqlora/core/config.py": ("schema/params.schema.json",)}
+# that imports the module. The schema fills in defaults, so it shapes the resolved params;
+# task_data.py is copied into the benchmark stage's task folder.
+MODULE_FILES = {"medqlora/core/config.py": ("schema/params.schema.json",),
+                "medqlora/evaluate/benchmarks.py": ("medqlora/evaluate/task_data.py",)}
 
 Allowed = dict[str, Any]  # key -> True (all of it) or a nested Allowed (some of its keys)
 

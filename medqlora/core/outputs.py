@@ -20,17 +20,38 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 
+# errno -> why the write failed, in words that say what to free or raise. EFBIG is what a
+# `ulimit -f` (RLIMIT_FSIZE) gives: CPython ignores SIGXFSZ, so the write fails instead of
+# the process being killed; a filesystem's largest file (4 GiB on FAT32) gives it too.
+FULL_DISK = {
+    errno.ENOSPC: "the disk holding {folder} is full",
+    errno.EDQUOT: "the disk quota on {folder} is used up",
+    errno.EFBIG: "a file would exceed the largest file this process may write (`ulimit -f`) "
+                 "or that the filesystem holding {folder} allows",
+}
+
+
+class OutputNotWritten(OSError):
+    """A full disk, quota or file-size limit stopped an output; the message names the output.
+
+    Nothing of the attempt is left (see atomic_dir, atomic_file); the stages print the message
+    alone, without a traceback (medqlora.core.stage.start)."""
+
+
 @contextlib.contextmanager
 def _named_full_disk(path: Path) -> Iterator[None]:
-    """Re-raise a full disk (or quota) as an error that names the output being written."""
+    """Re-raise a full disk, quota or file-size limit as an error that names the output."""
     try:
         yield
+    except OutputNotWritten:
+        raise  # an inner output (a file inside a folder output) was already named
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno not in FULL_DISK:
             raise
-        raise OSError(err.errno, f"{path}: cannot write this output: {os.strerror(err.errno)} (the "
-                      f"disk holding {path.parent.resolve()} is full); the previous output, "
-                      "if any, was left untouched") from err
+        why = FULL_DISK[err.errno].format(folder=path.parent.resolve())
+        raise OutputNotWritten(err.errno, f"{path}: cannot write this output: "
+                               f"{os.strerror(err.errno)} ({why}); the previous output, if "
+                               "any, was left untouched") from err
 
 
 def remove_leftovers(path: Path) -> list[Path]:
@@ -52,7 +73,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    with _named_full_disk(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         with _named_full_disk(path):
             yield tmp
@@ -75,9 +97,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with _named_full_disk(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    encoding = {} if "b" in mode else {"encoding": "utf-8"}
     try:
-        with _named_full_disk(path), os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        # the handle closes inside _named_full_disk: a close that flushes can hit the limit too
+        with _named_full_disk(path), os.fdopen(fd, mode, **encoding) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -9,7 +9,10 @@ without the venv activated that is the system's, and the stage would die deep in
 before any model or data is loaded, and with `runner.backend: docker` re-executes the same
 command inside the project image (see medqlora.core.runner) and exits with the container's code.
 The params returned are `contract.restrict(params, name)`: reading a key that dvc.yaml does not
-list under the stage's `params:` raises contract.UndeclaredParams.
+list under the stage's `params:` raises contract.UndeclaredParams. An output that a full disk,
+quota or `ulimit -f` stopped (medqlora.core.outputs.OutputNotWritten) ends the stage with its
+one-line message and exit 1, not a traceback. HF_DATASETS_CACHE is pointed inside the project
+(datasets_cache_in_project), so no copy of the data lands in a home folder.
 
 Only the standard library is imported at module level, so the interpreter check runs first.
 """
@@ -52,6 +55,34 @@ def require_interpreter(name: str) -> None:
         raise SystemExit(EXIT_WRONG_INTERPRETER)
 
 
+def datasets_cache_in_project() -> str:
+    """Point the `datasets` cache at $MEDQLORA_CACHE/datasets (default .cache/medqlora/datasets,
+    git-ignored) before any library imports datasets, and return it.
+
+    datasets' default, ~/.cache/huggingface/datasets, would keep a copy of every file it
+    loads in a home folder: for medical data, a leak. The stages load their data in memory
+    (train: Dataset over a parquet table; benchmark: task_data.py), so nothing should land
+    there anyway; this keeps it so if a library caches on its own. Set even when the shell
+    has HF_DATASETS_CACHE: that is often a shared folder."""
+    root = os.environ.get("MEDQLORA_CACHE") or os.path.join(".cache", "medqlora")
+    os.environ["HF_DATASETS_CACHE"] = os.path.abspath(os.path.join(root, "datasets"))
+    return os.environ["HF_DATASETS_CACHE"]
+
+
+def report_unwritten_outputs(name: str) -> None:
+    """Print a full disk, quota or file-size limit (outputs.OutputNotWritten) as its one-line
+    message, exit 1: the message names the output and the fix; a traceback would bury it."""
+    default = sys.excepthook
+
+    def hook(kind, value, traceback):
+        outputs = sys.modules.get("medqlora.core.outputs")  # not imported: not raised
+        if outputs is not None and issubclass(kind, outputs.OutputNotWritten):
+            print(f"{name}: {value.strerror}", file=sys.stderr)
+        else:
+            default(kind, value, traceback)
+    sys.excepthook = hook
+
+
 def start(name: str, arg_parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """Check the interpreter, parse args, validate params; hand over to the container runner
     when configured. Returns (args, the params dvc.yaml declares for stage `name`)."""
@@ -59,6 +90,8 @@ def start(name: str, arg_parser: argparse.ArgumentParser, argv: list[str] | None
     from medqlora.core import contract
     from medqlora.core.config import ParamsError, load_params, warnings_for
     setup_logging()
+    datasets_cache_in_project()
+    report_unwritten_outputs(name)
     args = arg_parser.parse_args(argv)
     try:
         params = load_params(args.params)

@@ -7,12 +7,16 @@ Nothing here re-implements a benchmark. For each `evaluate.benchmarks` entry:
 
 1. read the file in its public layout (MedQA-USMLE 4-options JSONL, MedMCQA JSON lines,
    PubMedQA labeled JSON, MMLU header-less CSV) and check every record; all problems of all
-   files are reported at once, by file and line, before any model is loaded;
+   files are reported at once, by key path, file and line, before any model is loaded
+   (`medqlora validate` runs the same check: file_problems);
 2. write the records in the layout the harness task reads from the hub (the columns of
    GBaker/MedQA-USMLE-4-options-hf, openlifescienceai/medmcqa, bigbio/pubmed_qa, cais/mmlu)
-   as JSONL, and a task YAML that `include`s the harness's own task file and only points its
-   dataset at that JSONL (`dataset_path: json`): prompts, answer choices, metrics (acc,
-   acc_norm and their stderr) and few-shot sampling stay the harness's;
+   as JSONL, and a task YAML that is the harness's own task file (its includes merged, its
+   prompt modules copied beside it: medqlora/evaluate/harness_tasks.py) with only its data
+   source set: task_data.py, copied beside it too, reads the JSONL into memory. Prompts,
+   answer choices, metrics (acc, acc_norm and their stderr) and few-shot sampling stay the
+   harness's; every path in the folder is relative to it, so its bytes are the same in any
+   checkout, and no datasets cache (~/.cache/huggingface/datasets) gets a copy of the items;
 3. score the base and base + adapter exactly as shipped (the 4-bit base of the adapter's
    meta.json, loaded by medqlora.core.modeling, LoRA attached by peft; the base is the same model
    with the adapter switched off) with `lm_eval.simple_evaluate` on an `HFLM` wrapping it.
@@ -38,7 +42,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from medqlora.core.config import BenchmarkParams, Params
 from medqlora.core.outputs import atomic_dir, write_json
@@ -48,24 +52,31 @@ log = logging.getLogger(__name__)
 LETTERS = ("A", "B", "C", "D")
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
 MAX_PROBLEMS_PER_FILE = 20
+DATA_DIR = "data/benchmarks"  # the stage's --data, its DVC dependency (dvc.yaml)
 METRICS = ("acc", "acc_norm")
 
 
 class BenchmarkError(ValueError):
-    """Every problem found in the benchmark files, one `file:line: message` per line."""
+    """Every problem found in the benchmark files, one `file:line: message` per line.
 
-    def __init__(self, problems: list[str]):
+    `count` is the number of problems: more than the lines when a file's listing was capped
+    ("... and 20 more"), fewer when a line is a hint about the whole file."""
+
+    def __init__(self, problems: list[str], count: int | None = None):
         self.problems = problems
+        self.count = len(problems) if count is None else count
         super().__init__("\n".join(problems))
 
 
 class _Problems:
-    """Problems of one file, capped; raises once at the end."""
+    """Problems of one file, capped; raises once at the end, with a hint about the whole
+    file when every problem is of one kind that has one (e.g. 5-option MedQA)."""
 
     def __init__(self, path: Path):
-        self.path, self.items, self.extra = path, [], 0
+        self.path, self.items, self.extra, self.kinds = path, [], 0, set()
 
-    def add(self, where: str | int | None, message: str) -> None:
+    def add(self, where: str | int | None, message: str, kind: str | None = None) -> None:
+        self.kinds.add(kind)
         if len(self.items) >= MAX_PROBLEMS_PER_FILE:
             self.extra += 1
             return
@@ -73,10 +84,14 @@ class _Problems:
             f"{self.path}: {where}" if where else str(self.path))
         self.items.append(f"{place}: {message}")
 
-    def raise_if_any(self) -> None:
-        if self.items:
-            more = [f"{self.path}: ... and {self.extra} more"] if self.extra else []
-            raise BenchmarkError(self.items + more)
+    def raise_if_any(self, hints: dict[str, str] | None = None) -> None:
+        if not self.items:
+            return
+        lines = self.items + ([f"{self.path}: ... and {self.extra} more"] if self.extra else [])
+        kind = next(iter(self.kinds)) if len(self.kinds) == 1 else None
+        if kind in (hints or {}):
+            lines.append(f"{self.path}: {hints[kind]}")
+        raise BenchmarkError(lines, len(self.items) + self.extra)
 
 
 # ---------------------------------------------------------------- public layouts -> harness rows
@@ -105,6 +120,17 @@ def _json_lines(path: Path, problems: _Problems) -> Iterator[tuple[int, dict]]:
             yield number, record
 
 
+# jind11/MedQA ships each US split twice: data_clean/questions/US/<split>.jsonl with options
+# A-E, and 4_options/phrases_no_exclude_<split>.jsonl, the one medqa_4options scores.
+MEDQA_5_OPTIONS = (
+    "every bad line has 5 options (A-E), as MedQA's 5-option files do (data_clean/questions/US/"
+    "<split>.jsonl); medqa_4options reads the 4-option one, data_clean/questions/US/4_options/"
+    "phrases_no_exclude_test.jsonl (phrases_no_exclude_train.jsonl for fewshot_path)")
+MEDMCQA_NO_ANSWERS = (
+    "every bad line lacks cop (the answer), as the public test.json does (its answers are not "
+    "published); score dev.json (fewshot_path: train.json)")
+
+
 def read_medqa(path: Path) -> list[dict]:
     """MedQA-USMLE 4 options (jind11/MedQA data_clean/questions/US/4_options/*.jsonl):
     {"question", "options": {"A".."D"}, "answer_idx": "A".."D", ...} per line ->
@@ -125,14 +151,15 @@ def read_medqa(path: Path) -> list[dict]:
         elif not isinstance(options, dict) or sorted(options) != list(LETTERS) or not all(
                 _text(options[k]) for k in LETTERS):
             got = sorted(options) if isinstance(options, dict) else type(options).__name__
-            problems.add(number, f"options must map exactly A, B, C, D to texts, got {got}")
+            problems.add(number, f"options must map exactly A, B, C, D to texts, got {got}",
+                         "5 options" if got == [*LETTERS, "E"] else None)
         elif rec["answer_idx"] not in LETTERS:
             problems.add(number, f"answer_idx {rec['answer_idx']!r} is not one of A, B, C, D")
         else:
             rows.append({"sent1": rec["question"], **{f"ending{i}": options[k] for i, k in
                                                       enumerate(LETTERS)},
                          "label": LETTERS.index(rec["answer_idx"])})
-    problems.raise_if_any()
+    problems.raise_if_any({"5 options": MEDQA_5_OPTIONS})
     return rows
 
 
@@ -147,7 +174,8 @@ def read_medmcqa(path: Path) -> list[dict]:
         cop = rec.get("cop")
         if missing:
             problems.add(number, f"missing {', '.join(missing)} (MedMCQA layout: question, "
-                                 "opa, opb, opc, opd, cop 1-4; the public test.json has no cop)")
+                                 "opa, opb, opc, opd, cop 1-4; the public test.json has no cop)",
+                         "no cop" if missing == ["cop"] else None)
         elif not all(isinstance(rec[k], str) for k in ("question", "opa", "opb", "opc", "opd")):
             problems.add(number, "question and opa..opd must be text")
         elif not isinstance(cop, int) or isinstance(cop, bool) or not 1 <= cop <= 4:
@@ -157,7 +185,7 @@ def read_medmcqa(path: Path) -> list[dict]:
         else:
             rows.append({"id": str(rec.get("id", number)), "question": rec["question"],
                          **{k: rec[k] for k in ("opa", "opb", "opc", "opd")}, "cop": cop - 1})
-    problems.raise_if_any()
+    problems.raise_if_any({"no cop": MEDMCQA_NO_ANSWERS})
     return rows
 
 
@@ -284,44 +312,81 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_files(benchmarks: tuple[BenchmarkParams, ...], data_dir: str | Path,
-                root: str | Path = ".") -> list[Prepared]:
-    """Read and check every benchmark file; raise one BenchmarkError listing all problems.
+def _read_file(task: Task, path: Path) -> tuple[list[dict], list[str], int]:
+    """(rows, problems, number of problems) of one benchmark file."""
+    try:
+        rows = task.read(path)
+    except BenchmarkError as err:
+        return [], err.problems, err.count
+    except UnicodeDecodeError as err:
+        return [], [f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"], 1
+    if not rows:
+        return [], [f"{path}: no items ({task.layout})"], 1
+    return rows, [], 0
 
-    Paths are relative to `root` and must lie under `data_dir` (the folder dvc.yaml tracks
-    as this stage's dependency, so a changed file re-runs the stage).
-    """
+
+def _check(benchmarks: Iterable[tuple[int, BenchmarkParams]], data_dir: str | Path,
+           root: str | Path) -> list[Prepared]:
+    """check_files on (index in evaluate.benchmarks, entry) pairs."""
     problems: list[str] = []
-    out = []
-    for i, bench in enumerate(benchmarks):
+    count, out = 0, []
+    for i, bench in benchmarks:
         task = TASKS[bench.task]
-        read: dict[str, list[dict] | None] = {"path": None, "fewshot_path": None}
+        read: dict[str, list[dict]] = {}
         for key in ("path", "fewshot_path"):
             name = getattr(bench, key)
             if name is None:
                 continue
-            path = Path(root) / name
+            where, path = f"evaluate.benchmarks[{i}].{key}", Path(root) / name
             if not path.is_file():
-                problems.append(f"evaluate.benchmarks[{i}].{key}: {name} not found")
+                found, n = [f"{name} not found"], 1
             elif not _inside(path, Path(root) / data_dir):
-                problems.append(f"evaluate.benchmarks[{i}].{key}: {name} is outside {data_dir}, "
-                                "the folder dvc.yaml tracks for the benchmark stage; move it there")
-            else:
-                try:
-                    read[key] = task.read(path)
-                except BenchmarkError as err:
-                    problems.extend(err.problems)
-                except UnicodeDecodeError as err:
-                    problems.append(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
-                else:
-                    if not read[key]:
-                        problems.append(f"{path}: no items ({task.layout})")
-        if read["path"]:
+                found, n = [f"{name} is outside {data_dir}, the folder dvc.yaml tracks for the "
+                            "benchmark stage; move it there"], 1
+            else:  # a capped listing counts its problems, not its lines
+                read[key], found, n = _read_file(task, path)
+            count += n
+            problems.extend(f"{where}: {problem}" for problem in found)
+        if read.get("path"):
             out.append(Prepared(bench, read["path"][:bench.limit], len(read["path"]),
-                                read["fewshot_path"], _sha256(Path(root) / bench.path)))
+                                read.get("fewshot_path"), _sha256(Path(root) / bench.path)))
     if problems:
-        raise BenchmarkError(problems)
+        raise BenchmarkError(problems, count)
     return out
+
+
+def check_files(benchmarks: tuple[BenchmarkParams, ...], data_dir: str | Path,
+                root: str | Path = ".") -> list[Prepared]:
+    """Read and check every benchmark file; raise one BenchmarkError listing all problems,
+    each as `evaluate.benchmarks[i].path: file:line: message`.
+
+    Paths are relative to `root` and must lie under `data_dir` (the folder dvc.yaml tracks
+    as this stage's dependency, so a changed file re-runs the stage).
+    """
+    return _check(enumerate(benchmarks), data_dir, root)
+
+
+def file_problems(entries: Any, data_dir: str | Path = DATA_DIR,
+                  root: str | Path = ".") -> BenchmarkError | None:
+    """For `medqlora validate`: what the benchmark stage's first step (check_files) would
+    report about the files of a params file's `evaluate.benchmarks` list, read as the stage
+    reads them. Entries the schema refuses and files that are missing are left out: the
+    params validation reports those."""
+    usable = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not (isinstance(entry, dict) and entry.get("task") in TASKS and isinstance(
+                entry.get("path"), str) and (Path(root) / entry["path"]).is_file()):
+            continue
+        fewshot = entry.get("fewshot_path")
+        fewshot = fewshot if isinstance(fewshot, str) and (Path(root) / fewshot).is_file() \
+            else None
+        usable.append((i, BenchmarkParams(task=entry["task"], path=entry["path"],
+                                          fewshot_path=fewshot, num_fewshot=0, limit=None)))
+    try:
+        _check(usable, data_dir, root)
+    except BenchmarkError as err:
+        return err
+    return None
 
 
 def lm_eval_version() -> str | None:
@@ -348,40 +413,55 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def task_config(prepared: Prepared, data_dir: Path) -> dict[str, Any]:
-    """The task YAML: the harness's own task file, with only its data source and shots set.
+DATA_MODULE = "task_data.py"  # medqlora/evaluate/task_data.py, copied beside the task files
 
-    Split names are plumbing: the scored file becomes split `test`, the few-shot file split
-    `train`, read by the harness's json loader from absolute paths.
+
+def task_config(prepared: Prepared) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(the task YAML, the module files it needs): the harness's own task file with its
+    includes merged in (harness_tasks.flatten), only its data source and shots set.
+
+    The data is read by task_data.load (`custom_dataset`) from JSONL files given relative to
+    the task folder, into memory: the folder's bytes do not depend on where the checkout or
+    the venv lies, and no datasets cache gets a copy of the items. Split names are plumbing:
+    the scored file is split `test`, the few-shot file split `train`.
     """
+    from medqlora.evaluate import harness_tasks
     bench = prepared.bench
     harness_yaml = harness_dir() / TASKS[bench.task].harness_yaml
     if not harness_yaml.is_file():
         raise BenchmarkError([f"evaluate.benchmarks: task {bench.task}: {harness_yaml} is missing "
                               f"from lm_eval {lm_eval_version()}"])
-    files = {"test": str((data_dir / f"{bench.task}.test.jsonl").resolve())}
+    config, modules = harness_tasks.flatten(harness_yaml)
+    if DATA_MODULE in modules:
+        raise BenchmarkError([f"{harness_yaml}: uses a module named {DATA_MODULE}, the name of "
+                              "medqlora's data loader; rename medqlora/evaluate/task_data.py"])
+    files = {"test": f"../data/{bench.task}.test.jsonl"}
     if prepared.fewshot_rows:
-        files["train"] = str((data_dir / f"{bench.task}.fewshot.jsonl").resolve())
+        files["train"] = f"../data/{bench.task}.fewshot.jsonl"
     shots = "train" if prepared.fewshot_rows else None
-    return {"include": str(harness_yaml), "task": bench.task, "dataset_path": "json",
-            "dataset_name": None, "dataset_kwargs": {"data_files": files},
-            "test_split": "test", "validation_split": None, "training_split": shots,
-            "fewshot_split": shots, "num_fewshot": bench.num_fewshot}
+    config.update({"task": bench.task, "dataset_path": None, "dataset_name": None,
+                   "custom_dataset": harness_tasks.Function("task_data.load"),
+                   "dataset_kwargs": {"data_files": files}, "test_split": "test",
+                   "validation_split": None, "training_split": shots, "fewshot_split": shots,
+                   "num_fewshot": bench.num_fewshot})
+    return config, {**modules, DATA_MODULE: Path(__file__).with_name(DATA_MODULE)}
 
 
 def write_task_folder(prepared: list[Prepared], out: Path) -> Path:
-    """out/data/<task>.{test,fewshot}.jsonl and out/tasks/<task>.yaml; returns out/tasks."""
-    import yaml
+    """out/data/<task>.{test,fewshot}.jsonl, and out/tasks/<task>.yaml with the modules they
+    name (the harness's prompt functions, task_data.py); returns out/tasks."""
+    from medqlora.evaluate import harness_tasks
     (out / "data").mkdir(parents=True, exist_ok=True)
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     for item in prepared:
         _write_jsonl(out / "data" / f"{item.bench.task}.test.jsonl", item.rows)
         if item.fewshot_rows:
             _write_jsonl(out / "data" / f"{item.bench.task}.fewshot.jsonl", item.fewshot_rows)
-        config = task_config(item, out / "data")
-        (out / "tasks" / f"{item.bench.task}.yaml").write_text(
-            "# Generated by medqlora.evaluate.benchmarks: the harness's task, on local files.\n"
-            + yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        config, modules = task_config(item)
+        header = (f"# Generated by medqlora.evaluate.benchmarks: lm_eval {lm_eval_version()}'s "
+                  f"{TASKS[item.bench.task].harness_yaml} (includes merged),\n# on the local "
+                  "files in ../data, read into memory by task_data.py.\n")
+        harness_tasks.write(out / "tasks" / f"{item.bench.task}.yaml", config, modules, header)
     return out / "tasks"
 
 
@@ -407,6 +487,17 @@ def save_quantized_base(adapter_dir: str | Path, out: str | Path) -> Path:
     base.save_pretrained(str(out))
     saved_tokenizer(adapter_dir, model_params).save_pretrained(str(out))
     return Path(out)
+
+
+class _NoMetadataHint(logging.Filter):
+    """Drops lm_eval's warning, for every task with a `custom_dataset`, that `--metadata` can
+    pass it kwargs: task_data.load takes none, so the warning would only repeat per task."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataHint())
 
 
 def run_harness(lm, tasks: list[str], tasks_dir: Path) -> dict[str, Any]:
@@ -461,9 +552,11 @@ def prompt_shapes(tasks_dir: Path, names: list[str]) -> dict[str, str]:
             + built[name].doc_to_text(TASKS[name].placeholder) for name in names}
 
 
-def summarise(prepared: list[Prepared], runs: dict[str, dict], seconds: dict[str, float]
-              ) -> dict[str, Any]:
-    """metrics/benchmark.json: per task n, shots, base/adapter/delta scores with stderr."""
+def summarise(prepared: list[Prepared], runs: dict[str, dict]) -> dict[str, Any]:
+    """metrics/benchmark.json: per task n, shots, base/adapter/delta scores with stderr.
+
+    No timing: the file is a DVC output and a function of its inputs (the scoring seconds
+    go to the log, as `timing:` lines)."""
     adapter = runs["adapter"]
     tasks = {}
     for item in prepared:
@@ -482,13 +575,15 @@ def summarise(prepared: list[Prepared], runs: dict[str, dict], seconds: dict[str
                           scores["adapter"][m] - base[m]) for m in METRICS} if base else None,
         }
     return {"lm_eval_version": adapter["lm_eval_version"], "tasks": tasks,
-            "seconds": seconds, "items": sum(t["n"] for t in tasks.values())}
+            "items": sum(t["n"] for t in tasks.values())}
 
 
 def score(adapter_dir: str | Path, prepared: list[Prepared], tasks_dir: Path, batch_size: int,
-          compare_base: bool = True) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(metrics, adapter meta, harness results by model): the harness on the base (adapter
-    switched off: LoRA adds B·A to frozen weights, so off *is* the base) and base + adapter."""
+          compare_base: bool = True
+          ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(metrics, adapter meta, harness results by model, scoring seconds by model): the
+    harness on the base (adapter switched off: LoRA adds B·A to frozen weights, so off *is*
+    the base) and base + adapter. The seconds are logged and returned, never in metrics."""
     from lm_eval.models.huggingface import HFLM
     model, tokenizer, meta = load_shipped_model(adapter_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -501,9 +596,9 @@ def score(adapter_dir: str | Path, prepared: list[Prepared], tasks_dir: Path, ba
         with context():
             runs[name] = run_harness(lm, names, tasks_dir)
         seconds[name] = round(time.perf_counter() - start, 2)
-        log.info("benchmark %s: %s in %.1f s", name, {t: task_scores(runs[name], t)["acc"]
-                                                       for t in names}, seconds[name])
-    return summarise(prepared, runs, seconds), meta, runs
+        log.info("benchmark %s: %s", name, {t: task_scores(runs[name], t)["acc"] for t in names})
+        log.info("timing: benchmark %s %.1f s (%s)", name, seconds[name], ", ".join(names))
+    return summarise(prepared, runs), meta, runs, seconds
 
 
 def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
@@ -514,23 +609,18 @@ def benchmark(params: Params, adapter_dir: str | Path, data_dir: str | Path,
     """
     cfg = params.evaluate
     prepared = check_files(cfg.benchmarks, data_dir)
-    result: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": {},
-                              "seconds": {}, "items": 0}
+    result: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": {}, "items": 0}
     meta: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         if prepared:
             tasks_dir = write_task_folder(prepared, tmp)
             prompts = prompt_shapes(tasks_dir, [p.bench.task for p in prepared])
-            result, meta, runs = score(adapter_dir, prepared, tasks_dir, cfg.benchmark_batch_size,
-                                       cfg.compare_base)
+            result, meta, runs, _ = score(adapter_dir, prepared, tasks_dir,
+                                          cfg.benchmark_batch_size, cfg.compare_base)
             write_items(tmp, runs, [p.bench.task for p in prepared])
             for task, block in result["tasks"].items():
                 # a list: `dvc metrics show` skips lists (a multi-line string breaks its table)
                 block["prompt_lines"] = prompts[task].split("\n")
-            # The folder is renamed into place: point the YAMLs at their final location.
-            for path in (tmp / "tasks").glob("*.yaml"):
-                path.write_text(path.read_text(encoding="utf-8").replace(
-                    str(tmp.resolve()), str(Path(out_dir).resolve())), encoding="utf-8")
         write_meta(tmp, stage="benchmark",
                    params={"evaluate": {"benchmarks": params.raw["evaluate"]["benchmarks"],
                                         "benchmark_batch_size": cfg.benchmark_batch_size,

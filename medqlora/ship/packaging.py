@@ -167,6 +167,20 @@ def link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Every file of `src` at the same place under `dst`, hard-linked where the filesystem
+    allows (link_or_copy). Stops at the first failure with its own error: shutil.copytree
+    would gather failures into one shutil.Error without an errno, and a full disk or
+    `ulimit -f` (EFBIG) in a copy would then not read as one (outputs.OutputNotWritten)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            link_or_copy(str(path), str(target))
+
+
 def merged_status(merged_meta: dict | None, include_merged: bool) -> dict[str, Any]:
     """{"included": bool, "reason": str | None} for the manifest, meta.json and model card."""
     if not include_merged:
@@ -228,7 +242,7 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
         if merged["included"]:
             # Hard links where the filesystem allows: a 7B float32 merge is 28 GB, and the
             # package would otherwise hold a second copy of it (the bytes are identical).
-            shutil.copytree(merged_dir, tmp / "merged", copy_function=link_or_copy)
+            link_tree(merged_dir, tmp / "merged")
         images = modelcard.write_charts(tmp / "images", Path(plots_dir), metrics["evaluate"])
         card = modelcard.Card(name=params.package.name, license=params.package.license,
                               base=base, adapter_meta=adapter_meta, metrics=metrics,
