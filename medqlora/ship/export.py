@@ -61,6 +61,10 @@ VLLM_LORA_MODULES = {
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                       "use_regex": True}
 LLAMA_CPP_HOME = Path(".cache/llama.cpp")
+# `make llama-cpp` of the checkout this module lives in: found from any working directory (a
+# deployment folder, a test workspace), after ./.cache/llama.cpp.
+CHECKOUT_LLAMA_CPP = Path(__file__).resolve().parents[2] / LLAMA_CPP_HOME
+VENDOR = Path("src") / "vendor" / "llama.cpp"   # where the sdist keeps llama.cpp
 RESPONSE_MARK = "### Response:"
 
 
@@ -264,7 +268,7 @@ def export_vllm(package: Path, out: Path, info: dict[str, Any], tokenizer,
 def llama_cpp_source(path: str | Path | None = None) -> Path:
     """llama.cpp's source folder (convert_hf_to_gguf.py, convert_lora_to_gguf.py, gguf-py)."""
     candidates = [Path(p) for p in (path, os.environ.get("MEDQLORA_LLAMA_CPP")) if p]
-    candidates.append(LLAMA_CPP_HOME / "src" / "vendor" / "llama.cpp")
+    candidates += [LLAMA_CPP_HOME / VENDOR, CHECKOUT_LLAMA_CPP / VENDOR]
     for folder in candidates:
         if (folder / "convert_hf_to_gguf.py").is_file():
             return folder
@@ -470,7 +474,8 @@ def export(package: str | Path, out: str | Path, targets: tuple[str, ...] = TARG
 
 def _llama_cpp_version(source: Path) -> dict[str, str | None]:
     """The llama.cpp commit the converters come from (the sdist records it), and the sdist."""
-    version = (LLAMA_CPP_HOME / "VERSION")
-    recorded = version.read_text(encoding="utf-8").split() if version.is_file() else []
+    vendored = source.parts[-len(VENDOR.parts):] == VENDOR.parts   # `make llama-cpp`'s copy
+    version = source.parents[len(VENDOR.parts) - 1] / "VERSION" if vendored else None
+    recorded = version.read_text(encoding="utf-8").split() if version and version.is_file() else []
     return {"source": str(source), "llama_cpp_python": recorded[0] if recorded else None,
             "commit": recorded[1] if len(recorded) > 1 else None}
