@@ -161,7 +161,7 @@ def test_ctrl_c_stops_and_removes_the_container(engine, tmp_path):
     write_params(ws / "params.yaml", {"runner.backend": "docker", "runner.gpus": "none"},
                  base=ws / "params.yaml")
     (ws / "stages/sleep.py").write_text(
-        "import time\nfrom medqlora import stage\n"  # a stage dvc.yaml declares (contract)
+        "import time\nfrom medqlora.core import stage\n"  # a stage dvc.yaml declares (contract)
         "args, params = stage.start('prepare', stage.parser('sleep'))\n"
         "print('sleeping', flush=True)\ntime.sleep(120)\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

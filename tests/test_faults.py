@@ -48,7 +48,7 @@ KILLS = [
     ("train", lambda ws, log: any(checkpoints.problem(c) is None
                                   for c in (ws / "checkpoints/train").glob("*/checkpoint-2")),
      ["models/adapter", "metrics/train.json"]),
-    ("evaluate", lambda ws, log: "medqlora.evaluate.evaluation: base: perplexity" in log,
+    ("evaluate", lambda ws, log: "evaluation: test, base: perplexity" in log,
      ["predictions", "metrics/evaluate.json"]),
     ("merge", lambda ws, log: "not quantized" in log, ["models/merged", "metrics/merge.json"]),
     ("package", lambda ws, log: tmp_sibling(ws, "artifacts/package"), ["artifacts/package"]),
