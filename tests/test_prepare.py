@@ -493,3 +493,27 @@ def test_embedded_dataset_passes_with_phi_error(tmp_path, tokenizer_dir, monkeyp
     assert (metrics["records_in"], metrics["rejected"], metrics["leakage"]) == (lines, 0, 0)
     assert set(metrics["phi"].values()) == {0}
     assert metrics["kinds"]["lab"] > 0 and metrics["kinds"]["mcq"] > 0
+
+
+def test_heldout_sources_are_scored_never_split_and_deduplicated_against_sources(
+        tmp_path, tokenizer_dir, monkeypatch):
+    """data.heldout_sources: every record lands in heldout.parquet, none in train/val/test; a
+    held-out record equal to a source record is dropped (it would be recall); the split of the
+    sources is exactly what it is without them; prepare reports the held-out overlap."""
+    held = qa_lines(3, start=100) + [qa_lines(1, start=6)[0]]   # qa-6 is also a source record
+    ws = workspace(tmp_path, {"qa.jsonl": "\n".join(qa_lines(12)) + "\n",
+                              "heldout/novel.jsonl": "\n".join(held) + "\n"},
+                   [{"path": "data/raw/qa.jsonl", "format": "alpaca"}], tokenizer_dir,
+                   heldout_sources=[{"path": "data/raw/heldout/novel.jsonl", "format": "alpaca"}])
+    assert prepare(ws, monkeypatch) == 0
+    got = {s: sorted((r["record_id"] for r in split), key=lambda i: int(i[3:]))
+           for s, split in all_rows(ws).items()}
+    assert got == EXPECTED_SPLIT
+    assert [r["record_id"] for r in rows(ws, "heldout")] == ["qa-100", "qa-101", "qa-102"]
+    metrics = json.loads((ws / "metrics" / "prepare.json").read_text(encoding="utf-8"))
+    assert metrics["splits"] == {"train": 4, "val": 1, "test": 7, "heldout": 3}
+    assert metrics["records_in"] == 16 and metrics["duplicates"] == 1
+    heldout = metrics["contamination"]["heldout"]
+    assert heldout["items"] == 3 and heldout["prompt"]["items"] == 3
+    # "user: Question number 10x about the kidney?" is 7 words: no 8-gram, nothing shared
+    assert heldout["prompt"]["max_overlap"] == 0.0
