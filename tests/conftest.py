@@ -108,17 +108,20 @@ def tiny_model() -> Path:
 
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = ROOT / ".cache" / "medqlora"   # the project's own cache: materialised once
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real small base (SmolLM2-135M-Instruct) materialised from its GGUF, in the project's
     own cache (.cache/medqlora/gguf: made once, about 20 s, then reused by every run)."""
+    from unittest import mock
+
     from medqlora.core.gguf import materialise
     if not (SMOLLM2 / SMOLLM2_GGUF).is_file():
         pytest.fail(f"{SMOLLM2 / SMOLLM2_GGUF} missing: run `make smollm2` (`make test` does)")
-    os.environ.setdefault("MEDQLORA_CACHE", str(ROOT / ".cache" / "medqlora"))
-    return materialise(SMOLLM2, SMOLLM2_GGUF)
+    with mock.patch.dict(os.environ, {"MEDQLORA_CACHE": str(SMOLLM2_CACHE)}):  # not for others
+        return materialise(SMOLLM2, SMOLLM2_GGUF)
 
 
 BASELINE_TAG = "v1.0.0"

@@ -6,13 +6,14 @@ by end-of-turn in transformers and in llama.cpp.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 
 import pytest
 
-from conftest import ROOT, SMOLLM2_GGUF
+from conftest import ROOT, SMOLLM2_CACHE, SMOLLM2_GGUF
 from medqlora.data.templates import end_of_turn_id, format_messages, stop_ids
 from medqlora.ship import export
 
@@ -97,7 +98,7 @@ def real_run(smollm2, tmp_path_factory):
     (ws / "models" / SMOLLM2.name).symlink_to(SMOLLM2)   # the GGUF, not copied (98 MB)
     write_params(ws / "params.yaml", OVERRIDES,
                  base=ROOT / "examples" / "smollm2-135m-medical.yaml")
-    env = {"MEDQLORA_CACHE": os.environ["MEDQLORA_CACHE"]}   # the materialised base, reused
+    env = {"MEDQLORA_CACHE": str(SMOLLM2_CACHE)}   # the materialised base, reused
     run(["dvc", "repro"], ws, env=env)
     run(["medqlora", "export", "artifacts/package", "--out", "export", "--targets",
          "gguf,ollama", "--gguf-type", "q8_0"], ws, env=env)
@@ -128,11 +129,15 @@ def test_the_package_records_the_gguf_base(real_run):
 
 
 def test_answers_stop_by_end_of_turn_in_transformers_and_llama_cpp(real_run):
+    from unittest import mock
+
     from llama_cpp import Llama
 
     from medqlora.evaluate import generation
     package = real_run / "artifacts/package"
-    model, tokenizer = generation.load_for_generation(package)   # 4-bit base + adapter
+    with mock.patch.dict(os.environ, {"MEDQLORA_CACHE": str(SMOLLM2_CACHE)}), \
+            contextlib.chdir(real_run):   # the package names its base relative to the project
+        model, tokenizer = generation.load_for_generation(package)   # 4-bit base + adapter
     prompts = [tokenizer(format_messages(tokenizer, [{"role": "user", "content": q}]))[
         "input_ids"] for q in QUESTIONS]
     settings = generation.GenerationSettings(MAX_NEW, False, 1.0, 1.0, len(prompts), 0)
@@ -159,7 +164,7 @@ def test_answers_stop_by_end_of_turn_in_transformers_and_llama_cpp(real_run):
 def test_serve_answers_real_questions_with_finish_reason_stop(real_run, tmp_path):
     from test_serving import Served
     served = Served(["artifacts/package"], real_run, tmp_path / "serve.log",
-                    env={"MEDQLORA_CACHE": os.environ["MEDQLORA_CACHE"]})
+                    env={"MEDQLORA_CACHE": str(SMOLLM2_CACHE)})
     try:
         client = served.client()
         for question in QUESTIONS:
