@@ -48,7 +48,9 @@ KILLS = [
     ("train", lambda ws, log: any(checkpoints.problem(c) is None
                                   for c in (ws / "checkpoints/train").glob("*/checkpoint-2")),
      ["models/adapter", "metrics/train.json"]),
-    ("evaluate", lambda ws, log: "evaluation: test, base: perplexity" in log,
+    # The model is loaded and four scoring runs are still ahead (a later sign raced the end).
+    ("evaluate", lambda ws, log: "loaded base" in log.split("Running stage 'evaluate'")[-1]
+     and "Running stage 'evaluate'" in log,
      ["predictions", "metrics/evaluate.json"]),
     ("merge", lambda ws, log: "not quantized" in log, ["models/merged", "metrics/merge.json"]),
     ("package", lambda ws, log: tmp_sibling(ws, "artifacts/package"), ["artifacts/package"]),

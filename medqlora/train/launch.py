@@ -243,3 +243,14 @@ def gather(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def leave() -> None:
+    """End a launched worker's part: wait for every rank (rank 0 is still writing), then shut
+    the process group down. A worker that exits with the group alive can abort in gloo's
+    thread teardown ("terminate called without an active exception", SIGABRT), which the
+    launcher reports as a failed run although training finished."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -447,11 +447,11 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     # --- save: every rank computes the metrics and joins the FSDP gather; rank 0 writes ---
     metrics = train_metrics(attempt)
     lora = adapter_io.gather_lora(attempt.trainer.model) if ctx.fsdp else None
-    if not ctx.is_main:
-        return metrics
-    save_adapter(attempt, tokenizer, params, data_dir, out_dir, base, lora)
-    write_json(metrics_path, metrics)
-    log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s", metrics["global_step"],
-             metrics["eval_loss_start"] or float("nan"), metrics["eval_loss"],
-             metrics["tokens_per_second"] or 0)
+    if ctx.is_main:
+        save_adapter(attempt, tokenizer, params, data_dir, out_dir, base, lora)
+        write_json(metrics_path, metrics)
+        log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s",
+                 metrics["global_step"], metrics["eval_loss_start"] or float("nan"),
+                 metrics["eval_loss"], metrics["tokens_per_second"] or 0)
+    launch.leave()
     return metrics
