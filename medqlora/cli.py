@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_api.serve(package, host=args.host, port=args.port, merged=args.merged,
                         name=args.served_model_name, max_batch_size=args.max_batch_size,
                         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-                        guards=guards)
+                        max_context=args.max_context, guards=guards)
     except WeightsFileError as err:  # raised while loading, before the server starts
         print(err, file=sys.stderr)
         return 1
@@ -239,10 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--merged", action="store_true", help="serve merged/ instead of base + adapter")
     srv.add_argument("--served-model-name", help="the `model` clients send (default: package.name)")
-    srv.add_argument("--max-batch-size", type=int, default=8,
-                     help="requests decoded together in one model.generate")
+    srv.add_argument("--max-batch-size", type=int, default=16,
+                     help="requests decoded together (continuous batching: a request joins "
+                          "the running batch when a row is free)")
     srv.add_argument("--batch-wait-ms", type=float, default=10.0,
-                     help="how long the first request of a batch waits for others")
+                     help="when nothing runs, how long the first request waits for others "
+                          "to prefill with it")
+    srv.add_argument("--max-context", type=int, default=2048,
+                     help="positions of one request (prompt + max_tokens; the model's own "
+                          "maximum when smaller): the KV cache holds this many for every row")
     srv.add_argument("--max-queue", type=int, default=256,
                      help="requests waiting beyond this get 503 server_overloaded; a completions "
                           "request with more prompts than this gets 400")

@@ -507,7 +507,9 @@ def test_evaluate_stage_lists_every_evaluate_key_but_the_benchmark_ones():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     keys = set(load_schema()["properties"]["evaluate"]["properties"]) - {
         "benchmarks", "benchmark_batch_size"}
-    assert set(stages["evaluate"]["params"]) == {"seed"} | {f"evaluate.{k}" for k in keys}
+    # and the parity gate's tolerance, which the decode copy's agreement check uses
+    assert set(stages["evaluate"]["params"]) == {"seed"} | {f"evaluate.{k}" for k in keys} | {
+        "merge.parity_prompts", "merge.max_effect_lost", "merge.min_top1_agreement"}
     assert set(stages["benchmark"]["params"]) == {
         "evaluate.benchmarks", "evaluate.benchmark_batch_size", "evaluate.compare_base"}
     assert "data/benchmarks" in stages["benchmark"]["deps"]

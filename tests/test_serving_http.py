@@ -31,16 +31,38 @@ CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "What is anaemia?"}]
 
 
-class EchoEngine(Engine):
-    """The real queue and batching thread; a batch is seeded as the real one is, then every
-    job answers ANSWER instead of running a model."""
+class EchoDecoder:
+    """The Decoder's interface without a model: a request is seeded as the real one is, then
+    answers ANSWER's tokens and stops at its first step."""
+    graphs = False
 
-    def _generate(self, batch: list[Job]) -> None:
-        from transformers import set_seed
-        set_seed(batch[0].sampling[3])
-        for job in batch:
-            job.tokens, job.text = [7, 8, 9], ANSWER
-            self._finish(job, "stop")
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.running = tokens, []
+
+    @property
+    def active(self):
+        return self.running
+
+    def submit(self, request) -> None:
+        request.generator = torch.Generator().manual_seed(request.seed)
+        self.running.append(request)
+
+    def cancel(self, request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+
+    def step(self):
+        done, self.running = self.running, []
+        for request in done:
+            request.tokens, request.finish = list(self.tokens), "stop"
+        return done
+
+
+class EchoEngine(Engine):
+    """The real queue and worker thread; every job answers ANSWER instead of running a model."""
+
+    def _decoder(self) -> EchoDecoder:
+        return EchoDecoder(self.loaded.tokenizer(ANSWER, add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +328,8 @@ def test_completions_answer_every_prompt(tokenizer):
                                                            "prompt": ["a", "b", "c", "d"]})
         assert response.status_code == 200
         assert [c["text"] for c in response.json()["choices"]] == [ANSWER] * 4
-        assert response.json()["usage"]["completion_tokens"] == 12
+        answer_tokens = len(tokenizer(ANSWER, add_special_tokens=False)["input_ids"])
+        assert response.json()["usage"]["completion_tokens"] == 4 * answer_tokens == 40
         assert count(s.metrics, "medqlora_queue_depth") == 0
 
 
@@ -350,7 +373,10 @@ def test_an_abandoned_stream_is_counted_as_499(inner):
 def test_a_finished_stream_is_counted_once_as_200(tokenizer):
     with served(tokenizer) as s:
         text = s.client.post(CHAT, json={"model": NAME, "messages": HI, "stream": True}).text
-        assert text.endswith("data: [DONE]\n\n") and ANSWER in text
+        chunks = [json.loads(line[6:]) for line in text.splitlines()
+                  if line.startswith("data: {")]
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text.endswith("data: [DONE]\n\n") and streamed == ANSWER
         assert count(s.metrics, "medqlora_requests_total", endpoint=CHAT, status="200") == 1
         assert count(s.metrics, "medqlora_requests_total", endpoint=CHAT, status="499") == 0
 

@@ -14,8 +14,8 @@ weights, so switching it off *is* the base, at half the memory of a second copy)
   lm-evaluation-harness: the continuation "Answer: X" (as prepare wrote the reference, the
   option letter X) after the prompt; the option with the highest summed log-probability is
   the model's answer. No text is generated for them;
-- generation for every other item (medqlora.evaluate.generation: greedy by default, batched by
-  length, stop at eos), scored against the reference with corpus BLEU, per-item sentence
+- generation for every other item (medqlora.evaluate.generation through the continuous-batching
+  Decoder: greedy by default, each row stops at eos / end of turn and frees its slot), scored against the reference with corpus BLEU, per-item sentence
   BLEU and ROUGE-L F1; lab items' diagnostic answers are parsed from the text
   (medqlora.evaluate.metrics.parse_answer documents the rule; no parseable answer counts as wrong and
   as a parse failure);
@@ -26,6 +26,12 @@ weights, so switching it off *is* the base, at half the memory of a second copy)
 
 Sets: the test split, and the held-out set when prepare wrote one (data.heldout_sources:
 evaluated only, never trained on); each gets its block, the test split's at the top level.
+
+What runs: the 4-bit base + adapter as loaded, or, when it fits and agrees with it within the
+merge parity gate's tolerance (merge.max_effect_lost, merge.min_top1_agreement, over the first
+merge.parity_prompts test items, teacher-forced), the same weights dequantized once
+(medqlora.evaluate.decode_copy): the numbers every 4-bit matmul uses, without dequantizing on
+every step. metrics/evaluate.json "decoding" records which, why, and the agreement measured.
 
 Why options by likelihood: generating 512 tokens to read one letter is most of evaluate's
 cost at 7B, and parsing free text adds failures unrelated to knowledge; the likelihood ranks
@@ -53,6 +59,7 @@ from medqlora.core.memory import EVAL_NLL_TOKENS
 from medqlora.core.outputs import atomic_dir, write_json
 from medqlora.core.provenance import write_meta
 from medqlora.evaluate import metrics
+from medqlora.evaluate import decode_copy
 from medqlora.evaluate.generation import GenerationSettings, generate_tokens
 
 log = logging.getLogger(__name__)
@@ -403,13 +410,16 @@ def evaluate(params: Params, data_dir: str | Path, adapter_dir: str | Path,
     if (Path(data_dir) / f"{HELDOUT}.parquet").is_file():
         sets[HELDOUT] = load_test(data_dir, cfg.max_examples, HELDOUT)
     model, tokenizer, meta = load_models(adapter_dir)
+    agreement_rows = sets["test"][:params.merge.parity_prompts]
+    decoding = decode_copy.prepare(model, [r["input_ids"] for r in agreement_rows],
+                                   params.merge.max_effect_lost, params.merge.min_top1_agreement)
     blocks, predictions = {}, {}
     for name, rows in sets.items():
         blocks[name], predictions[name] = score_set(model, tokenizer, rows, settings,
                                                     cfg.compare_base, cfg.bootstrap_samples,
                                                     name)
     result = {**blocks["test"], **({HELDOUT: blocks[HELDOUT]} if HELDOUT in blocks else {}),
-              "generation": settings.as_dict()}
+              "generation": settings.as_dict(), "decoding": decoding}
     with atomic_dir(predictions_dir) as tmp:
         for name, recs in predictions.items():
             file = "predictions.jsonl" if name == "test" else f"{name}_predictions.jsonl"

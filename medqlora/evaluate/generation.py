@@ -1,18 +1,20 @@
-"""Batched generation with the `evaluate` settings: left padding, stop at eos, seeded.
+"""Generation with the `evaluate` settings, through the continuous-batching Decoder.
 
     settings = GenerationSettings.from_params(params.evaluate, params.seed)
     texts = generate_from_ids(model, tokenizer, prompt_ids, settings)
 
-Decoder-only models continue from the last position of each row, so prompts are padded on
-the *left*: with right padding a short prompt would continue after its pad tokens. Greedy
-decoding (do_sample false, the default) gives the same text on every run; temperature and
-top_p are passed only when sampling, so no "unused flag" warnings and no silent effect.
-Used by the evaluate stage and, from a built package (`load_for_generation`, `generate`), by
-`medqlora generate`, serve and export: one generation path.
+Every prompt becomes a Request of medqlora/evaluate/decoding.py: rows decode together, each
+stops at its own eos or end-of-turn token, and its slot takes the next prompt. Greedy decoding
+(do_sample false, the default) gives the same text on every run and in any batch; sampling
+draws from a generator seeded per prompt. Used by the evaluate stage and, from a built package
+(`load_for_generation`, `generate`), by `medqlora generate`, serve and export: one decoding
+path. A package whose evaluate kept the dequantized decode copy (meta.json "decoding") is
+decoded on that copy here too, where it fits.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +24,9 @@ import torch
 from medqlora.core.config import EvaluateParams
 from medqlora.core.outputs import read_json
 from medqlora.data.templates import stop_ids
+from medqlora.evaluate.decoding import Decoder, Request, left_pad  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,57 +68,34 @@ def generation_config(settings: GenerationSettings, tokenizer):
     return GenerationConfig(**kwargs)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each row right-aligned: [pad pad 5 6 7] / [0 0 1 1 1]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, width - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
-def _until_eos(tokens: torch.Tensor, eos_id: int | list[int] | None) -> list[int]:
-    """New tokens up to (not including) the first eos; generate pads finished rows after it."""
-    out = tokens.tolist()
-    stops = set(eos_id if isinstance(eos_id, list) else [eos_id]) - {None}
-    for k, token in enumerate(out):
-        if token in stops:
-            return out[:k]
-    return out
-
-
-@torch.no_grad()
 def generate_tokens(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
                     settings: GenerationSettings, config=None) -> list[list[int]]:
-    """New token ids (up to the first eos) of each tokenised prompt, in the input order.
+    """New token ids (up to the first eos or end of turn) of each tokenised prompt, in the input
+    order, through the continuous-batching Decoder (medqlora/evaluate/decoding.py).
 
-    Prompts are batched by length (longest first), so a batch pads little and its longest
-    row is known up front; each batch stops when every row has produced eos (or after
-    max_new_tokens). The seed is set once per call, so the base and the adapter are sampled
-    from the same random state. `config` overrides the GenerationConfig built from
-    `settings` (a package's generation_config.json).
+    Up to settings.batch_size rows decode together (fewer where their KV cache would not fit:
+    rows_that_fit); a row leaves at its stop token and the next prompt takes its slot. Longest
+    prompts go first. Sampling draws from a generator seeded with settings.seed + the prompt's
+    index, so the base and the adapter sample with the same seeds, whatever the batching.
+    `config` overrides the GenerationConfig built from `settings` (a package's
+    generation_config.json).
     """
-    from transformers import set_seed
-    set_seed(settings.seed)
+    if not prompt_ids:
+        return []
     config = config or generation_config(settings, tokenizer)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    tokens: list[list[int]] = [[] for _ in prompt_ids]
+    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [
+        config.eos_token_id]
+    columns = max(map(len, prompt_ids)) + config.max_new_tokens
     device = next(model.parameters()).device
-    start = 0
-    while start < len(order):
-        rows = rows_that_fit(model, device, settings.batch_size,
-                             len(prompt_ids[order[start]]) + config.max_new_tokens)
-        batch = order[start:start + rows]
-        start += rows
-        ids, mask = left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=config)
-        for row, i in enumerate(batch):
-            tokens[i] = _until_eos(out[row, ids.shape[1]:], config.eos_token_id)
-    return tokens
+    rows = min(len(prompt_ids), rows_that_fit(model, device, settings.batch_size, columns))
+    decoder = Decoder(model, stops, rows=rows, columns=columns,
+                      pad_id=tokenizer.pad_token_id or 0)
+    sample = bool(config.do_sample)
+    requests = [Request(list(ids), config.max_new_tokens, do_sample=sample,
+                        temperature=config.temperature or 1.0, top_p=config.top_p or 1.0,
+                        seed=settings.seed + i) for i, ids in enumerate(prompt_ids)]
+    decoder.run(sorted(requests, key=lambda r: -len(r.prompt_ids)))
+    return [r.tokens for r in requests]
 
 
 def rows_that_fit(model, device, rows: int, width: int) -> int:
@@ -193,8 +175,24 @@ def load_for_generation(package_dir: str | Path, merged: bool = False):
         model_params = dataclasses.replace(model_params, base=base)
         model = modeling.load_adapter(modeling.load_base(model_params, quant, precision),
                                       package_dir)
+        use_decode_copy(model, read_json(package_dir / "meta.json").get("decoding"))
     model.eval()
     return model, tokenizer
+
+
+def use_decode_copy(model, decided: dict | None) -> bool:
+    """Swap in the dequantized copy when evaluate kept it for this adapter (its agreement with
+    the 4-bit weights is in the package's meta.json "decoding") and it fits here."""
+    from medqlora.evaluate import decode_copy
+    if not (decided or {}).get("weights", "").startswith("dequantized"):
+        return False
+    ok, why = decode_copy.fits(model)
+    if not ok:
+        log.warning("decoding on the 4-bit weights: %s", why)
+        return False
+    decode_copy.DecodeCopy.make(model).keep()
+    log.info("decoding on the dequantized copy evaluate measured (%s)", why)
+    return True
 
 
 def read_prompts(prompt: str | None, file: str | Path | None) -> list[str]:

@@ -34,6 +34,7 @@ from medqlora.core import modeling
 from medqlora.core.config import MergeParams, Params
 from medqlora.core.outputs import atomic_dir, write_json
 from medqlora.core.provenance import read_meta, write_meta
+from medqlora.evaluate.parity import compare_logits
 
 log = logging.getLogger(__name__)
 # Merging into both weight sets costs a second full-precision load; below this size it is
@@ -66,33 +67,6 @@ def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         out.append(model(input_ids=ids, use_cache=False).logits[0].float().cpu())
     return out
-
-
-def top1_agree(ref: torch.Tensor, oth: torch.Tensor) -> torch.Tensor:
-    """Per position: do both models pick the same next token?
-
-    Exact ties count as agreement: bf16 logits of magnitude 8-16 are spaced 0.0625 apart, so
-    two tokens often share the top value and argmax picks between them by index, not by the
-    model. A position agrees when either model's pick is tied for the top in the other's
-    logits, i.e. one of them cannot tell the two tokens apart. Any non-zero gap in both models
-    is a real disagreement.
-    """
-    ref_pick, oth_pick = ref.argmax(-1, keepdim=True), oth.argmax(-1, keepdim=True)
-    ref_top = ref.gather(-1, oth_pick) == ref.max(-1, keepdim=True).values
-    oth_top = oth.gather(-1, ref_pick) == oth.max(-1, keepdim=True).values
-    return (ref_top | oth_top).squeeze(-1)
-
-
-def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, Any]:
-    """Max and mean |logit difference| and top-1 agreement over every position of every prompt."""
-    ref, oth = torch.cat(reference), torch.cat(other)
-    diff = (ref - oth).abs()
-    return {
-        "n_positions": int(ref.shape[0]),
-        "max_abs_logit_diff": round(float(diff.max()), 6),
-        "mean_abs_logit_diff": round(float(diff.mean()), 6),
-        "top1_agreement": round(float(top1_agree(ref, oth).float().mean()), 6),
-    }
 
 
 def worse(*stats: dict[str, Any]) -> dict[str, Any]:

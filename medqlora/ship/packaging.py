@@ -255,7 +255,9 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
                    inputs={"adapter": adapter_dir,
                            **({"merged": merged_dir} if merged["included"] else {})},
                    extra={"adapter": adapter_meta, "merged": merged_meta,
-                          "merged_weights": merged, "prompt": prompt_format(data_meta)})
+                          "merged_weights": merged, "prompt": prompt_format(data_meta),
+                          # which weights evaluate decoded, and their measured agreement
+                          "decoding": (metrics["evaluate"] or {}).get("decoding")})
         manifest = write_manifest(tmp, lineage(params, adapter_meta, merged_meta, merged,
                                                data_meta))
     log.info("package %s: %d files, verified by `medqlora verify %s`", out_dir,

@@ -148,7 +148,8 @@ class Server:
         max_tokens = max_tokens or d.max_new_tokens
         if self.loaded.max_positions and len(prompt_ids) + max_tokens > self.loaded.max_positions:
             raise APIError(400, f"This model's maximum context length is "
-                           f"{self.loaded.max_positions} tokens; the prompt has "
+                           f"{self.loaded.max_positions} tokens (the model's, or the server's "
+                           f"--max-context); the prompt has "
                            f"{len(prompt_ids)} and max_tokens is {max_tokens}",
                            param="max_tokens", code="context_length_exceeded")
         temperature = d.temperature if req.temperature is None else req.temperature
@@ -445,13 +446,13 @@ def pull_package(repo: str, rev: str, artifact: str, dest: str | Path) -> Path:
 
 
 def serve(package_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          merged: bool = False, name: str | None = None, max_batch_size: int = 8,
-          batch_wait_ms: float = 10.0, max_queue: int = 256,
+          merged: bool = False, name: str | None = None, max_batch_size: int = 16,
+          batch_wait_ms: float = 10.0, max_queue: int = 256, max_context: int = 2048,
           guards: Guards = Guards()) -> None:
     """Load a (verified) package and serve it until interrupted."""
     for warning in exposure_warnings(host, guards):
         log.warning(warning)
-    loaded = load_package(package_dir, merged, name)
+    loaded = load_package(package_dir, merged, name, max_context)
     metrics = Metrics()
     engine = Engine(loaded, metrics, max_batch_size, batch_wait_ms, max_queue)
     app = build_app(loaded, engine, metrics, guards)

@@ -1,12 +1,13 @@
-"""The server's batching engine: one worker thread owns the model and decodes queued jobs.
+"""The server's engine: one worker thread owns the model and decodes every request through
+one continuous-batching Decoder (medqlora/evaluate/decoding.py), the path evaluate scored.
 
-It takes the oldest request, waits up to --batch-wait-ms for others with the same sampling
-settings (at most --max-batch-size), and runs them as one left-padded model.generate, with the
-GenerationConfig and padding evaluate and `medqlora generate` use. Tokens reach each request
-through a streamer as they are decoded, so streaming and time to first token are real; a request
-whose answer ended (eos, its max_tokens, a stop string, or a client that went away) stops
-costing compute at the next step. This is dynamic batching, not vLLM's continuous batching: a
-request that arrives during a batch waits for the next one.
+Requests join the running batch between decode steps, up to --max-batch-size rows: a request
+that arrives while others decode is prefilled and decodes with them from the next step, and
+a row that ends (eos or end of turn, its max_tokens, a stop string, or a client that went away)
+frees its slot at once. Rows may sample with different settings (each has its own seeded
+generator). Tokens reach each request as they are decoded, so streaming and time to first token
+are real. Requests beyond the free rows wait in the queue (--max-queue, then 503). On a GPU the
+decode step is captured as CUDA graphs at startup, one per batch size.
 """
 from __future__ import annotations
 
@@ -15,20 +16,18 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import StoppingCriteria
-
 from medqlora.core.outputs import read_json
 from medqlora.data.templates import stop_ids
-from medqlora.evaluate import generation
+from medqlora.evaluate.decoding import Decoder, Request
 from medqlora.ship.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
+# Cache positions per row when the model's config names no maximum (or --max-context is unset).
+DEFAULT_CONTEXT = 4096
 
 
 class Overloaded(RuntimeError):
@@ -62,12 +61,14 @@ class Loaded:
     name: str
     system: str
     defaults: Defaults
-    max_positions: int | None
+    max_positions: int         # prompt + max_tokens of one request (the KV cache's columns)
 
 
-def load_package(package_dir: str | Path, merged: bool = False,
-                 name: str | None = None) -> Loaded:
-    """The package's model as `medqlora generate` loads it (call verify first)."""
+def load_package(package_dir: str | Path, merged: bool = False, name: str | None = None,
+                 max_context: int = DEFAULT_CONTEXT) -> Loaded:
+    """The package's model as `medqlora generate` loads it (call verify first). A request's
+    prompt + max_tokens may use at most `max_context` positions (the model's own maximum when
+    smaller): the KV cache holds that many for every row."""
     from medqlora.evaluate.generation import load_for_generation
     package_dir = Path(package_dir)
     meta = read_json(package_dir / "meta.json")
@@ -78,7 +79,8 @@ def load_package(package_dir: str | Path, merged: bool = False,
                   or package_dir.name,
                   system=meta.get("prompt", {}).get("system", ""),
                   defaults=Defaults.from_package(package_dir),
-                  max_positions=getattr(config, "max_position_embeddings", None))
+                  max_positions=min(getattr(config, "max_position_embeddings", None)
+                                    or max_context, max_context))
 
 
 # ---------------------------------------------------------------- jobs and the batching engine
@@ -107,7 +109,7 @@ class Job:
 
 
 class Engine:
-    """A worker thread that batches queued jobs through model.generate."""
+    """A worker thread that owns the model and decodes every job through one Decoder."""
 
     def __init__(self, loaded: Loaded, metrics: Metrics, max_batch_size: int = 8,
                  batch_wait_ms: float = 10.0, max_queue: int = 256):
@@ -115,14 +117,24 @@ class Engine:
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._pending: deque[Job] = deque()   # taken from the queue, other sampling settings
         self._waiting = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="medqlora-engine", daemon=True)
         self.device = next(loaded.model.parameters()).device
         self.stops = set(stop_ids(loaded.tokenizer))
+        self.decoder = None     # made by start(), in the thread that starts the server
+        self._live: dict[Request, Job] = {}
+        self._stopping = False
+
+    def _decoder(self) -> Decoder:
+        return Decoder(self.loaded.model, self.stops, rows=self.max_batch_size,
+                       columns=self.loaded.max_positions,
+                       pad_id=self.loaded.tokenizer.pad_token_id or 0)
 
     def start(self) -> None:
+        self.decoder = self._decoder()
+        if self.decoder.graphs:   # capture every batch size before the first request
+            self.decoder.warm(self.loaded.tokenizer("warm-up")["input_ids"] or [0])
         self._thread.start()
 
     def stop(self) -> None:
@@ -145,89 +157,103 @@ class Engine:
         for job in jobs:
             self._queue.put(job)
 
-    def _taken(self, count: int) -> None:
-        with self._lock:
-            self._waiting -= count
-            self.metrics.queue_depth.set(self._waiting)
+    # ---------------------------------------------------------------- the worker
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest job, plus those with the same sampling settings that arrive in time."""
-        first = self._pending.popleft() if self._pending else self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        for job in list(self._pending):
-            if len(batch) < self.max_batch_size and job.sampling == first.sampling:
-                self._pending.remove(job)
-                batch.append(job)
-        deadline = time.monotonic() + self.batch_wait
-        while len(batch) < self.max_batch_size:
+    def _take(self) -> list[Job]:
+        """Jobs to join the running batch: as many as there are free rows. When nothing runs,
+        block for the first and wait up to --batch-wait-ms for others (they prefill together);
+        while the batch runs, take only what has already arrived."""
+        free = self.max_batch_size - len(self._live)
+        jobs: list[Job] = []
+        idle = not self._live
+        deadline = None
+        while len(jobs) < free and not self._stopping:
             try:
-                job = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
+                if idle and not jobs:
+                    job = self._queue.get()
+                    deadline = time.monotonic() + self.batch_wait
+                elif idle:
+                    job = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
+                else:
+                    job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:          # shutting down: finish this batch first
-                self._queue.put(None)
+            if job is None:
+                self._stopping = True
                 break
-            (batch if job.sampling == first.sampling else self._pending).append(job)
-        self._taken(len(batch))
-        return batch
+            jobs.append(job)
+        if jobs:
+            with self._lock:
+                self._waiting -= len(jobs)
+                self.metrics.queue_depth.set(self._waiting)
+        return jobs
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._generate(batch)
-            except Exception as err:  # noqa: BLE001 - one failed batch must not stop the server
-                log.exception("generation failed for a batch of %d", len(batch))
-                for job in batch:
-                    job.emit(("error", f"generation failed: {type(err).__name__}: {err}"))
-
-    def _generate(self, batch: list[Job]) -> None:
-        """One model.generate over the batch, with evaluate's GenerationConfig and padding."""
-        from transformers import StoppingCriteriaList, set_seed
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        do_sample, temperature, top_p, seed = batch[0].sampling
-        settings = generation.GenerationSettings(
-            max_new_tokens=max(job.max_tokens for job in batch), do_sample=do_sample,
-            temperature=temperature, top_p=top_p, batch_size=len(batch), seed=seed)
-        ids, mask = generation.left_pad([job.prompt_ids for job in batch], tokenizer.pad_token_id)
-        self.metrics.batch_size.observe(len(batch))
-        set_seed(seed)
-        with torch.no_grad():
-            model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                           generation_config=generation.generation_config(settings, tokenizer),
-                           streamer=_Streamer(self, batch),
-                           stopping_criteria=StoppingCriteriaList([_Done(batch)]))
-        for job in batch:   # rows that ran to the batch's max_new_tokens
-            self._finish(job, "length")
-
-    def step(self, batch: list[Job], tokens: list[int]) -> None:
-        """One decoding step: a new token per row (finished rows get padding, ignored)."""
-        now = time.perf_counter()
-        for job, token in zip(batch, tokens):
-            if job.done or job.cancelled:
+            for job in self._take():
+                request = Request(job.prompt_ids, job.max_tokens, *job.sampling)
+                self._live[request] = job
+                try:
+                    self.decoder.submit(request)
+                except ValueError as err:
+                    self._fail([request], str(err))
+            for request, job in list(self._live.items()):
+                if job.cancelled and not job.done:
+                    self.decoder.cancel(request)
+                    del self._live[request]
+            if not self._live:
+                if self._stopping:
+                    return
                 continue
+            try:
+                touched = self.decoder.step()
+            except Exception as err:  # noqa: BLE001 - one failed step must not stop the server
+                log.exception("decoding failed with %d requests running", len(self._live))
+                self._fail(list(self._live), f"generation failed: {type(err).__name__}: {err}")
+                self.decoder = self._decoder()   # a fresh cache: the failed one may be torn
+                continue
+            self.metrics.batch_size.observe(len(self.decoder.active) or len(touched))
+            for request in touched:
+                job = self._live.get(request)
+                if job is not None:
+                    self._advance(job, request)
+                    if job.done or job.cancelled:
+                        self.decoder.cancel(request)   # no-op when the decoder finished it
+                        del self._live[request]
+
+    def _fail(self, requests: list[Request], message: str) -> None:
+        for request in requests:
+            job = self._live.pop(request, None)
+            if job is not None and not job.done:
+                job.done = True
+                job.emit(("error", message))
+
+    def _advance(self, job: Job, request: Request) -> None:
+        """Take the request's new tokens into the job: text, stop strings, stream, finish."""
+        now = time.perf_counter()
+        for token in request.tokens[len(job.tokens):]:
+            if job.done:
+                return
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.metrics.ttft.observe(now - job.created)
-            if token in self.stops:   # eos or the chat template's end of turn
-                self._finish(job, "stop")
-                continue
             job.tokens.append(token)
             text = self.loaded.tokenizer.decode(job.tokens, skip_special_tokens=True)
             cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
             if cut >= 0:
-                text, job.finish = text[:cut], "stop"
-            elif len(job.tokens) >= job.max_tokens:
-                job.finish = "length"
+                job.text = text[:cut]
+                self._finish(job, "stop")
+                return
             job.text = text
-            if job.finish is not None:
-                self._finish(job, job.finish)
-            elif job.stream:
+            if job.stream:
                 self._stream(job, text[:len(text) - _stop_prefix(text, job.stop)], final=False)
+        if request.finish == "stop":        # eos or the chat template's end of turn
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.ttft.observe(now - job.created)
+            self._finish(job, "stop")
+        elif request.finish == "length":
+            self._finish(job, "length")
 
     def _stream(self, job: Job, visible: str, final: bool) -> None:
         """Send the text not yet sent; hold back a trailing partial UTF-8 character and trailing
@@ -240,7 +266,7 @@ class Engine:
             job.sent = visible
 
     def _finish(self, job: Job, reason: str) -> None:
-        """Answer a job as soon as its row ends (the batch may run on for longer rows)."""
+        """Answer a job as soon as its row ends (the others decode on)."""
         if job.done or job.cancelled:
             return
         job.finish, job.done = reason, True
@@ -260,30 +286,3 @@ def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     the next token may complete the stop string, which is then cut from the answer)."""
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
                 if s.startswith(text[-n:])), default=0)
-
-
-class _Streamer:
-    """transformers streamer protocol (put/end): the prompt first, then one token per row."""
-
-    def __init__(self, engine: Engine, batch: list[Job]):
-        self.engine, self.batch, self.prompt_seen = engine, batch, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.engine.step(self.batch, value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-class _Done(StoppingCriteria):
-    """Stopping criterion: a row is done when its job finished or its client went away."""
-
-    def __init__(self, batch: list[Job]):
-        self.batch = batch
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.tensor([j.done or j.cancelled for j in self.batch],
-                            dtype=torch.bool, device=input_ids.device)

@@ -38,8 +38,9 @@ class Metrics:
         self.prompt_tokens = Counter("medqlora_prompt_tokens", "Prompt tokens of generation "
                                      "requests", registry=r)
         self.queue_depth = Gauge("medqlora_queue_depth", "Generation requests waiting for a "
-                                 "batch", registry=r)
-        self.batch_size = Histogram("medqlora_batch_size", "Requests per model.generate batch",
+                                 "free row of the running batch", registry=r)
+        self.batch_size = Histogram("medqlora_batch_size", "Requests decoded together, per "
+                                    "decode step (continuous batching)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
 
     def exposition(self) -> bytes:
