@@ -151,7 +151,13 @@ def test_evaluate_untrained_adapter_equals_base(fixture_dirs):
     assert json.loads((tmp / "metrics" / "evaluate.json").read_text()) == result
     assert set(result) == {"n", "n_diagnostic", "n_option_scored", "n_generated",
                            "n_answer_tokens", "base", "adapter", "delta", "delta_ci95",
-                           "generation"}
+                           "generation", "decoding"}
+    # No adapter effect leaves no room for the decode copy's kernel noise (the limit is
+    # merge.max_effect_lost x an effect of 0): decoding stays on the 4-bit weights, and says so.
+    decoding = result["decoding"]
+    assert decoding["weights"] == "4-bit" and not decoding["agreement"]["passed"]
+    assert decoding["agreement"]["adapter_effect_mean_abs_logit_diff"] == 0.0
+    assert decoding["agreement"]["checks"]["mean_abs_logit_diff"]["limit"] == 0.0
     assert result["n"] == MAX_EXAMPLES and result["n_diagnostic"] == 4
     assert result["n_option_scored"] == 2 and result["n_generated"] == 4
     keys = {*evaluation.SCALARS, *(f"{k}_ci95" for k in evaluation.SCALARS), "stopped_by_eos"}

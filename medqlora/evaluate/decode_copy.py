@@ -77,9 +77,7 @@ def dequantized_linear(layer) -> torch.nn.Linear:
     import bitsandbytes.functional as F
     data, state = layer.weight.data, layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks a CPU layer's weights for its own kernel at the first forward;
-        # dequantize_4bit reads the original layout (the repacked one gives garbage).
-        data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+        data, state = _unpacked_cpu(data, state)
     weight = F.dequantize_4bit(data, state).to(_dtype(layer))
     linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                              device="meta")
@@ -88,6 +86,23 @@ def dequantized_linear(layer) -> torch.nn.Linear:
     if layer.bias is not None:
         linear.bias = torch.nn.Parameter(layer.bias.data.to(_dtype(layer)), requires_grad=False)
     return linear
+
+
+def _unpacked_cpu(data: torch.Tensor, state):
+    """(codes, quant state) in dequantize_4bit's layout, of a CPU layer bitsandbytes repacked
+    for its own kernel at its first forward (dequantize_4bit reads the repacked bytes as
+    garbage). The repacked state keeps the block scales in bfloat16, transposed: those exact
+    scales are used, so the copy holds what the CPU kernel multiplies with. The layer itself
+    is left as it was (bitsandbytes' inverse rewrites the state it is given: a copy here)."""
+    import copy
+
+    import bitsandbytes.functional as F
+    scratch = copy.deepcopy(state)
+    scratch.original_nested = False      # keep the scales; bitsandbytes would re-quantize them
+    codes, scratch = F._convert_weight_packed_for_cpu_inverse(data, scratch)
+    scratch.absmax = state.absmax.T.reshape(-1).float()
+    scratch.nested = False
+    return codes, scratch
 
 
 @dataclass
