@@ -308,7 +308,8 @@ class EvaluateParams:
     top_p: float
     """Nucleus sampling mass, used when do_sample is true."""
     batch_size: int
-    """Prompts generated together."""
+    """Rows decoded together (continuous batching: a row that ends takes the next prompt at the
+    next step); fewer on a GPU where their KV cache would not fit."""
     bootstrap_samples: int
     """Bootstrap resamples for the 95% confidence intervals of accuracy and BLEU."""
     compare_base: bool
@@ -341,7 +342,8 @@ class MergeParams:
     keeps 11 bits (8x finer) at the same size; float32 keeps the update exactly at twice the
     size."""
     parity_prompts: int
-    """Held-out prompts on which merged logits are compared with base + adapter."""
+    """Held-out prompts on which merged logits are compared with base + adapter; evaluate
+    compares its dequantized decode copy with the 4-bit model on as many test items."""
     max_abs_logit_diff: float
     """Parity gate: the merged model's largest absolute logit difference to base + adapter may
     exceed the noise floor's largest (4-bit base vs its dequantized copy, no adapter) by at most
@@ -355,7 +357,8 @@ class MergeParams:
     difference|): the merge's own error (merged vs the same weights + adapter unmerged, float32)
     may be at most this fraction of that effect, and the merged model's difference to the 4-bit
     base + adapter may exceed the noise floor by at most the same fraction. 0.1: the merge keeps
-    at least 90% of the adapter's effect."""
+    at least 90% of the adapter's effect. Evaluate holds its decode copy to the same fraction of
+    the effect."""
     requantize: bool
     """Also re-quantize the merged model to 4-bit for serving and report its parity
     (informational)."""
