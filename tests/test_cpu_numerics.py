@@ -60,4 +60,5 @@ def test_thread_count_is_fixed_unless_asked():
 def test_an_unknown_mode_names_the_variable_and_the_choices():
     with pytest.raises(ValueError, match="MEDQLORA_CPU_NUMERICS='fast': use portable .* or native"):
         cpu_numerics.portable({"MEDQLORA_CPU_NUMERICS": "fast"})
-    assert cpu_numerics.portable({}) and cpu_numerics.portable({"MEDQLORA_CPU_NUMERICS": "Portable"})
+    assert cpu_numerics.portable({})
+    assert cpu_numerics.portable({"MEDQLORA_CPU_NUMERICS": "Portable"})

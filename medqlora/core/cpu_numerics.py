@@ -29,15 +29,18 @@ So a CPU run asks torch and oneDNN for their AVX2 kernels (every x86-64 CPU sinc
 Haswell, 2013, and AMD Excavator, 2015), MKL for its AVX2 branch, a fixed number of
 intra-op threads (THREADS, whatever the machine has) and the math attention kernel. Inside
 the emulations above (default, ISA capped, 1 or 2 threads) that gives bitwise-identical
-losses and adapter bytes (tests/test_train.py runs one of them in a subprocess).
+losses and adapter bytes (tests/test_train.py runs one of them in a subprocess); the
+embedded default's adapter too (153 steps, default vs AVX2 kernels + OMP_NUM_THREADS=1; its
+final train loss 3.950812, within 7e-5 of the unpinned run's).
 
 Cost, measured on the same machine (2 shared cores), the short run's 6 steps, fastest of 3:
 2.6 s pinned vs 2.3 s native at 2 threads, 2.4 s vs 2.3 s at 1 thread (AVX2 kernels and math
-attention: at most 13% here). On a CPU with many cores the fixed thread count is the larger
-cost (not measured: this machine has 2 cores): set
+attention: at most 13% here; the embedded default's median step 3.06 s pinned vs 2.98 s
+unpinned, both 2 threads on the shared cores). On a CPU with many cores the fixed thread
+count is the larger cost (not measured: this machine has 2 cores): set
 MEDQLORA_CPU_THREADS=<n> (bytes then equal among runs with that n) or
-MEDQLORA_CPU_NUMERICS=native (the CPU's own kernels and threads: fastest, bytes equal only on
-the same machine with the same thread count). GPU runs: the environment variables govern only
+MEDQLORA_CPU_NUMERICS=native (the CPU's own kernels and threads: fastest, bytes equal only
+on the same machine with the same thread count). GPU runs: the environment variables govern only
 the CPU-side work; threads and attention are left alone.
 """
 from __future__ import annotations
