@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from medqlora.core import cpu_numerics
+
+# As every stage does first (stage.start): torch's, oneDNN's and MKL's AVX2 code paths, asked
+# for before torch loads, so the in-process runs here give the bytes `dvc repro` gives.
+cpu_numerics.pin_environment()
+
+import torch  # after the pin: torch reads it when it first picks a kernel
 import yaml
 
 from medqlora.core import contract

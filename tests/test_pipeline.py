@@ -67,8 +67,11 @@ def test_merge_parity_passed(workspace):
 # order, one greedy token). A numeric regression (a changed loss, a template change, a new
 # default) fails here: update the values with the reason in the commit message.
 PINNED = {
-    "train": {"train_loss": (3.95107421875, 1e-3), "eval_loss": (3.900860071182251, 1e-3),
-              "eval_loss_start": (7.557730197906494, 1e-3)},
+    # train with the CPU numerics pinned (medqlora/core/cpu_numerics.py; branch cpu-determinism:
+    # the same bytes with the default environment and with AVX2 kernels + OMP_NUM_THREADS=1;
+    # unpinned, 4d0887d gave 3.951074 / 3.900860 / 7.557730)
+    "train": {"train_loss": (3.950811767578125, 1e-3), "eval_loss": (3.900642156600952, 1e-3),
+              "eval_loss_start": (7.558250427246094, 1e-3)},
     # evaluate and merge as main's code gives them (length-batched generation, float32 merge;
     # measured on this branch's merge of main 3464f57), ROUGE-L with accent-aware words
     "evaluate.adapter": {"perplexity": (37.77260101643429, 1e-3),
