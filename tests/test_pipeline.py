@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqlora.core import contract
+from medqlora.core import contract, cpu_numerics
+from medqlora.train import training
 from tests.conftest import restore_baseline, run, set_key
 
 pytestmark = pytest.mark.slow
@@ -98,6 +99,30 @@ def test_embedded_default_results_are_the_pinned_ones(workspace):
         got = metrics[name][part] if part else metrics[name]
         for key, (value, rel) in expected.items():
             assert got[key] == pytest.approx(value, rel=rel), (where, key, got[key], value)
+
+
+def test_first_repro_gives_the_committed_training_bytes(workspace, root):
+    """What keeps `git status` clean after `make repro` in a fresh clone: the adapter's hash in
+    dvc.lock, metrics/train.json and the dvclive curves come out as committed (with the CPU
+    numerics pinned: README, "Same bytes on another machine"); the measured speed and memory
+    land in metrics/measured/, which git ignores."""
+    if not cpu_numerics.portable() or not cpu_numerics.has_avx2():
+        pytest.skip("CPU numerics not pinned here (native mode or no AVX2): bytes per machine")
+    outs = [{item["path"]: item.get("md5") for item in yaml.safe_load(
+        (where / "dvc.lock").read_text(encoding="utf-8"))["stages"]["train"]["outs"]}
+        for where in (workspace, root)]
+    assert outs[0] == outs[1]
+    committed = ["metrics/train.json", *(p.relative_to(root).as_posix()
+                                         for p in sorted((root / "dvclive/train").rglob("*"))
+                                         if p.is_file())]
+    assert len(committed) == 6  # train.json, dvclive's metrics.json and 4 curves
+    assert [name for name in committed
+            if (workspace / name).read_bytes() != (root / name).read_bytes()] == []
+    measured = json.loads((workspace / "metrics/measured/train.json").read_text())
+    assert sorted(measured) == sorted(training.MEASURED)
+    # the project's .gitignore (the workspace has its own copy): a fresh clone ignores it too
+    assert run(["git", "check-ignore", "-q", "metrics/measured/train.json"], root,
+               check=False).returncode == 0
 
 
 def test_packaged_files_verify(workspace):

@@ -457,6 +457,13 @@ def test_short_run_learns_and_writes_a_safetensors_only_adapter(short_run, base,
     assert sum(lengths) + sum(lengths[:16]) <= metrics["tokens_seen"] <= \
         sum(lengths) + sum(lengths[-16:])
     assert metrics["trainable_params"] == 2 * (4 * 16 * 128 + 3 * 16 * 192)
+    # train.json holds what the same inputs always give; this run's speed, memory and resume
+    # go beside it to measured/train.json (not git-tracked, not a DVC output)
+    written = json.loads(paths["metrics"].read_text())
+    measured = json.loads((paths["metrics"].parent / "measured" / "train.json").read_text())
+    assert sorted(measured) == sorted(training.MEASURED) and measured["resumed_from_step"] == 0
+    assert measured["tokens_per_second"] > 0 and measured["peak_memory_gib"] > 0
+    assert written == {k: v for k, v in metrics.items() if k not in training.MEASURED}
 
     files = sorted(p.name for p in paths["adapter"].iterdir())
     assert {"adapter_config.json", "adapter_model.safetensors", "meta.json",
@@ -548,6 +555,9 @@ def test_bitwise_same_run_on_an_emulated_other_cpu(short_run, base, data, tmp_pa
                                                               metrics["eval_loss_start"])
     weights = "adapter_model.safetensors"
     assert (out / "adapter" / weights).read_bytes() == (paths["adapter"] / weights).read_bytes()
+    # the whole metrics file too (its measured speed and memory live in measured/train.json),
+    # so `make repro` on another machine leaves metrics/train.json and dvc.lock as committed
+    assert (out / "train.json").read_bytes() == paths["metrics"].read_bytes()
     # Both ran pinned and say so in meta.json: the same threads (OMP_NUM_THREADS=1 overruled)
     pinned = {"mode": "portable", "kernels": "AVX2", "onednn_max_isa": "AVX2",
               "threads": cpu_numerics.threads(), "sdpa_kernel": "math"}
@@ -589,7 +599,7 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr and "checkpoint-3" in done.stderr
     resumed = json.loads((out / "train.json").read_text())
-    assert resumed["resumed_from_step"] == 3
+    assert json.loads((out / "measured/train.json").read_text())["resumed_from_step"] == 3
     assert not list((out / "ckpt").glob("*/checkpoint-3"))
     assert resumed["global_step"] == metrics["global_step"] == 6
     assert resumed["tokens_seen"] == metrics["tokens_seen"]   # checkpoint-3's count, continued
