@@ -16,8 +16,8 @@ bitsandbytes NF4 like any checkpoint; the data are random token rows of exactly 
 Recipe (examples/mistral-7b-medical.yaml): LoRA r=64 on the 7 projections, bf16, gradient
 checkpointing, micro-batch 4, effective batch 16 sequences (keep_effective_batch: accumulation
 4 on 1 GPU, 2 on 2 GPUs), sequence 2048 = 32,768 tokens an optimizer step.
-Throughput = tokens per step / median seconds between optimizer steps (metrics/train.json
-step_seconds_median, after warm-up); scaling efficiency = tokens/s on N / (N x tokens/s on 1).
+Throughput = tokens per step / median seconds between optimizer steps
+(metrics/measured/train.json step_seconds_median, after warm-up); scaling efficiency = tokens/s on N / (N x tokens/s on 1).
 Memory = torch.cuda.max_memory_allocated of every process (peak_memory_gib_per_process).
 """
 from __future__ import annotations
@@ -163,7 +163,9 @@ def run_row(spec: dict, work: Path, index: int, timeout: int) -> dict:
     code, text, wall = run_stage(cmd, out, timeout)
     if code != 0:
         return {**spec, "error": f"exit {code}: {text[-1500:]}", "wall_s": wall}
-    m = json.loads((out / "train.json").read_text())
+    # losses and batch in train.json, speed and memory beside it in measured/train.json
+    m = {**json.loads((out / "train.json").read_text()),
+         **json.loads((out / "measured" / "train.json").read_text())}
     per_step = EFFECTIVE * spec["seq"]
     return {**spec, "wall_s": wall, "tokens_per_second": per_step / m["step_seconds_median"],
             "step_s": m["step_seconds_median"], "tokens_per_second_whole_run": m["tokens_per_second"],
@@ -210,7 +212,8 @@ def resume_check(work: Path, timeout: int, gpus: int = 2) -> dict:
     code, text, _ = run_stage(cmd_b, out_b, timeout, "resumed.txt")
     if code != 0:
         return {"error": f"resumed run: exit {code}: {text[-1500:]}"}
-    a, b = (json.loads((o / "train.json").read_text()) for o in (out_a, out_b))
+    a, b = ({**json.loads((o / "train.json").read_text()),
+             **json.loads((o / "measured" / "train.json").read_text())} for o in (out_a, out_b))
     wa, wb = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (out_a, out_b))
     return {
         "killed_at_checkpoint": killed_at, "checkpoints_at_kill": newest,

@@ -178,6 +178,9 @@ def summary(name: str, ws: Path) -> str:
     if not path.is_file():
         return ""
     m = json.loads(path.read_text())
+    measured = path.parent / "measured" / path.name  # train's speed and memory
+    if measured.is_file():
+        m = {**m, **json.loads(measured.read_text())}
     if name == "prepare":
         return f"splits {m['splits']}"
     if name == "train":
@@ -286,6 +289,8 @@ def main() -> int:
     with open(out / f"pipeline-{args.arch}.md", "a", encoding="utf-8") as handle:
         handle.write(f"\n{text}\nsettings: {args.set}\n")
     metrics = {p.stem: json.loads(p.read_text()) for p in sorted((ws / "metrics").glob("*.json"))}
+    for p in sorted((ws / "metrics" / "measured").glob("*.json")):  # train's speed, memory
+        metrics[p.stem] = {**metrics.get(p.stem, {}), **json.loads(p.read_text())}
     (out / f"pipeline-{args.arch}.json").write_text(json.dumps(
         {"rows": rows, "settings": args.set, "versions": info, "metrics": metrics}, indent=1))
     stages = [r for r in rows if r["stage"] in STAGES]

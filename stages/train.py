@@ -1,7 +1,8 @@
 """Train stage: QLoRA adapter from the prepared data (see medqlora/train/training.py).
 
     python stages/train.py --params params.yaml --data data/prepared --out models/adapter \
-        --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json
+        --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json \
+        --measured metrics/measured/train.json
 """
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ def main(argv=None):
     parser.add_argument("--live", default="dvclive/train",
                         help="dvclive folder (loss curves); none: no curves (outside DVC)")
     parser.add_argument("--metrics", default="metrics/train.json", help="metrics file")
+    parser.add_argument("--measured", default=None,
+                        help="speed, memory and resume of this run (git-ignored, not a DVC "
+                             "output: they differ per machine); default: measured/<name> "
+                             "beside --metrics (metrics/measured/train.json)")
     args, params = stage.start("train", parser, argv)
     # --- distributed (medqlora/train/launch.py): num_processes > 1 re-runs this command under
     # accelerate launch, here (inside the container when runner.backend is docker) ---
@@ -33,7 +38,7 @@ def main(argv=None):
     from medqlora.train.training import Diverged, run
     live = None if args.live == "none" else args.live
     try:
-        run(params, args.data, args.out, args.checkpoints, live, args.metrics)
+        run(params, args.data, args.out, args.checkpoints, live, args.metrics, args.measured)
     except Diverged as err:  # the divergence guard: exit 1, nothing published
         print(err, file=sys.stderr)
         raise SystemExit(1) from None

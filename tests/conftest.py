@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from medqlora.core import cpu_numerics
+
+# As every stage does first (stage.start): torch's, oneDNN's and MKL's AVX2 code paths, asked
+# for before torch loads, so the in-process runs here give the bytes `dvc repro` gives.
+cpu_numerics.pin_environment()
+
+import torch  # after the pin: torch reads it when it first picks a kernel
 import yaml
 
 from medqlora.core import contract
@@ -74,7 +81,8 @@ def make_workspace(dest: Path) -> Path:
             shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, target)
-    (dest / ".gitignore").write_text("/checkpoints/\n", encoding="utf-8")
+    # as the project's .gitignore: resumable checkpoints, the train stage's measured speed
+    (dest / ".gitignore").write_text("/checkpoints/\n/metrics/measured/\n", encoding="utf-8")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True)

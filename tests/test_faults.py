@@ -8,7 +8,8 @@ last `dvc repro` finishes and its outputs are compared with the reference.
 No tolerance: training on CPU is bitwise deterministic and resumes bitwise
 (tests/test_train.py), so losses, adapter, merged weights, predictions and every package
 file are equal, the model card and meta.json files included (they hold no git commit, no
-measured speed or memory, and no trace of the resume: medqlora.core.provenance.VOLATILE).
+measured speed or memory, and no trace of the resume: those go to metrics/measured/train.json,
+medqlora.train.training.MEASURED).
 
 Detected elsewhere, not duplicated here: a corrupted checkpoint is skipped on resume
 (tests/test_train.py), an altered package file fails `medqlora verify` (tests/test_package.py).
@@ -100,7 +101,8 @@ def test_sigkill_in_every_stage_then_repro_equals_undisturbed(small_run, tmp_pat
     for key in ("train_loss", "eval_loss", "eval_loss_start"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert got["global_step"] == want["global_step"] == 4
-    assert got["resumed_from_step"] == 2  # train really resumed from the killed run's save
+    measured = json.loads((ws / "metrics/measured/train.json").read_text())
+    assert measured["resumed_from_step"] == 2  # train really resumed from the killed run's save
     for name in ("models/adapter/adapter_model.safetensors", "models/merged/model.safetensors",
                  "predictions/predictions.jsonl", "metrics/evaluate.json", "metrics/merge.json"):
         assert (ws / name).read_bytes() == (ref / name).read_bytes(), name

@@ -161,15 +161,15 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_rebuild_with_other_timings_is_byte_identical(built, tmp_path):
     # A second train run of the same inputs measures other speeds and memory, and may have
-    # resumed: metrics/train.json differs only there. The package must not (no commit, no
-    # timing in any file), so a tag names exactly one package.
+    # resumed: only metrics/measured/train.json differs (metrics/train.json holds none of it).
+    # The package must not (no commit, no timing in any file), so a tag names one package.
     inputs, _, pkg = built
     metrics = tmp_path / "metrics"
     shutil.copytree(inputs["metrics"], metrics)
-    train = json.loads((metrics / "train.json").read_text())
-    (metrics / "train.json").write_text(json.dumps({
-        **train, "tokens_per_second": 4379.9, "step_seconds_median": 0.34,
-        "peak_memory_gib": 2.17, "peak_memory_gib_per_process": [2.17], "resumed_from_step": 2}))
+    (metrics / "measured").mkdir(exist_ok=True)
+    (metrics / "measured" / "train.json").write_text(json.dumps({
+        "tokens_per_second": 4379.9, "step_seconds_median": 0.34, "peak_memory_gib": 2.17,
+        "peak_memory_gib_per_process": [2.17], "resumed_from_step": 2}))
     _build({**inputs, "metrics": metrics}, tmp_path / "package")
     again = tree_bytes(tmp_path / "package")
     assert set(again) == set(tree_bytes(pkg)) == EXPECTED

@@ -31,7 +31,7 @@ import yaml
 
 from conftest import ROOT, set_key
 from medqlora.train import checkpoints
-from medqlora.core import modeling
+from medqlora.core import cpu_numerics, modeling
 from medqlora.train import planning
 from medqlora.train import run_context
 from medqlora.train import training
@@ -142,6 +142,19 @@ def train_once(params, data: Path, out: Path):
     metrics = training.run(params, data, paths["adapter"], paths["ckpt"], paths["live"],
                            paths["metrics"])
     return metrics, paths
+
+
+def stage_command(base: Path, data: Path, out: Path, overrides: dict = SHORT) -> list[str]:
+    """`python stages/train.py ...` on a params file with `overrides`, writing under `out`
+    (the params file too): the stage as DVC runs it, stage.start's CPU pins included."""
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in {"model.base": str(base), **overrides}.items():
+        set_key(doc, key, value)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return [sys.executable, "stages/train.py", "--params", str(out / "params.yaml"),
+            "--data", str(data), "--out", str(out / "adapter"), "--checkpoints",
+            str(out / "ckpt"), "--live", str(out / "live"), "--metrics", str(out / "train.json")]
 
 
 def final_state(ckpt_root: Path) -> dict:
@@ -444,6 +457,13 @@ def test_short_run_learns_and_writes_a_safetensors_only_adapter(short_run, base,
     assert sum(lengths) + sum(lengths[:16]) <= metrics["tokens_seen"] <= \
         sum(lengths) + sum(lengths[-16:])
     assert metrics["trainable_params"] == 2 * (4 * 16 * 128 + 3 * 16 * 192)
+    # train.json holds what the same inputs always give; this run's speed, memory and resume
+    # go beside it to measured/train.json (not git-tracked, not a DVC output)
+    written = json.loads(paths["metrics"].read_text())
+    measured = json.loads((paths["metrics"].parent / "measured" / "train.json").read_text())
+    assert sorted(measured) == sorted(training.MEASURED) and measured["resumed_from_step"] == 0
+    assert measured["tokens_per_second"] > 0 and measured["peak_memory_gib"] > 0
+    assert written == {k: v for k, v in metrics.items() if k not in training.MEASURED}
 
     files = sorted(p.name for p in paths["adapter"].iterdir())
     assert {"adapter_config.json", "adapter_model.safetensors", "meta.json",
@@ -481,16 +501,21 @@ def test_same_seed_gives_bitwise_same_losses(short_run, base, data, tmp_path):
     again, again_paths = train_once(params, data, tmp_path)
     first = [e.get("loss") for e in final_state(paths["ckpt"])["log_history"]]
     second = [e.get("loss") for e in final_state(again_paths["ckpt"])["log_history"]]
-    assert first == second  # bitwise: same floats, CPU, same thread count
+    assert first == second  # bitwise: same floats (CPU; the thread count is pinned too)
     assert again["eval_loss"] == metrics["eval_loss"]
 
 
-# torchtune-style: the short run's losses as this recipe gives them on CPU (bitwise equal with
-# 1 and 2 threads here); the tolerance absorbs another CPU's kernels. A change to the recipe's
-# numerics (init, collation, label masking, schedule, quantization) fails here: update the
-# values with the reason in the commit message.
-PINNED_LOSSES = [5.796884, 5.796965, 5.580415, 5.524167, 5.441744, 5.439784]
-PINNED_EVAL = {"eval_loss_start": 5.806263, "eval_loss": 5.444113}
+# torchtune-style: the short run's losses as this recipe gives them on CPU with the CPU numerics
+# pinned (medqlora/core/cpu_numerics.py: AVX2 kernels, 2 threads, math attention), bitwise
+# equal under every emulated machine tried (AVX-512 or AVX2 kernels, oneDNN capped, 1 to 4
+# threads; test_bitwise_same_run_on_an_emulated_other_cpu). The tolerance is for runs the pin
+# does not cover (MEDQLORA_CPU_NUMERICS=native, a CPU without AVX2): across those emulations
+# the largest difference from these values was 1.1e-4 relative (native AVX-512 with flash
+# attention, or without SIMD at all on a base initialised by the scalar kernels: 5.5e-5), so
+# 1e-3 leaves a 9x margin. A change to the recipe's numerics (init, collation, label masking,
+# schedule, quantization) fails here: update the values with the reason in the commit message.
+PINNED_LOSSES = [5.796875, 5.796987, 5.580468, 5.523969, 5.441865, 5.440081]
+PINNED_EVAL = {"eval_loss_start": 5.806302, "eval_loss": 5.444435}
 
 
 @pytest.mark.slow
@@ -500,6 +525,44 @@ def test_short_run_losses_are_the_pinned_ones(short_run):
     assert losses == pytest.approx(PINNED_LOSSES, rel=1e-3)
     for key, value in PINNED_EVAL.items():
         assert metrics[key] == pytest.approx(value, rel=1e-3), key
+
+
+# Another machine, emulated with the libraries' own switches: torch's kernels without AVX-512,
+# oneDNN's and MKL's capped at AVX2, one OpenMP thread (what a CI container often sets). Without
+# the pins each of the first two changes the losses from step 1 on a CPU with AVX-512
+# (cpu_numerics' docstring has the numbers); with them the run is the same, byte for byte.
+OTHER_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_bitwise_same_run_on_an_emulated_other_cpu(short_run, base, data, tmp_path):
+    if not cpu_numerics.has_avx2():
+        pytest.skip("this CPU has no AVX2: the emulated machine's kernels cannot run here")
+    if not cpu_numerics.portable():
+        pytest.skip("MEDQLORA_CPU_NUMERICS=native: nothing is pinned, bytes are per machine")
+    _, metrics, paths = short_run
+    out = tmp_path / "other"
+    env = {**os.environ, **OTHER_CPU, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(stage_command(base, data, out), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    here = [e.get("loss") for e in final_state(paths["ckpt"])["log_history"]]
+    there = [e.get("loss") for e in final_state(out / "ckpt")["log_history"]]
+    assert there == here  # bitwise
+    other = json.loads((out / "train.json").read_text())
+    assert (other["eval_loss"], other["eval_loss_start"]) == (metrics["eval_loss"],
+                                                              metrics["eval_loss_start"])
+    weights = "adapter_model.safetensors"
+    assert (out / "adapter" / weights).read_bytes() == (paths["adapter"] / weights).read_bytes()
+    # the whole metrics file too (its measured speed and memory live in measured/train.json),
+    # so `make repro` on another machine leaves metrics/train.json and dvc.lock as committed
+    assert (out / "train.json").read_bytes() == paths["metrics"].read_bytes()
+    # Both ran pinned and say so in meta.json: the same threads (OMP_NUM_THREADS=1 overruled)
+    pinned = {"mode": "portable", "kernels": "AVX2", "onednn_max_isa": "AVX2",
+              "threads": cpu_numerics.threads(), "sdpa_kernel": "math"}
+    for run in (metrics["run"], other["run"]):
+        assert {k: run["cpu_numerics"][k] for k in pinned} == pinned
 
 
 @pytest.mark.slow
@@ -536,7 +599,7 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(short_run, base, data, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr and "checkpoint-3" in done.stderr
     resumed = json.loads((out / "train.json").read_text())
-    assert resumed["resumed_from_step"] == 3
+    assert json.loads((out / "measured/train.json").read_text())["resumed_from_step"] == 3
     assert not list((out / "ckpt").glob("*/checkpoint-3"))
     assert resumed["global_step"] == metrics["global_step"] == 6
     assert resumed["tokens_seen"] == metrics["tokens_seen"]   # checkpoint-3's count, continued

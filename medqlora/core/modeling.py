@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from medqlora.core import cpu_numerics
 from medqlora.core.config import LoraParams, ModelParams, QuantizationParams
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def device_map(precision: Precision) -> dict[str, int | str]:
 def load_base(model: ModelParams, quant: QuantizationParams, precision: Precision):
     """The frozen base: NF4 through bitsandbytes when load_in_4bit, else the compute dtype."""
     from transformers import AutoModelForCausalLM
+    if precision.device == "cpu":  # threads and attention kernel: same bytes on any CPU
+        cpu_numerics.pin_torch()
     config = bnb_config(quant, precision.compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(
         base_source(model),

@@ -6,8 +6,9 @@ merge reads the adapter's quantization settings, package the whole chain.
 meta.json is part of a DVC-hashed output, so it holds only facts that the same inputs always
 reproduce: no git commit (any commit, even one touching only the README, would change every
 output's hash and re-run everything downstream; the commit that holds dvc.lock already names
-the run) and no timings. Measured speed and memory stay in metrics/*.json (not cached, shown by
-`dvc metrics show`) and are left out of the package (`reproducible`).
+the run) and no timings. Measured speed and memory are not in metrics/*.json either: the train
+stage writes them to metrics/measured/train.json (git-ignored, not a DVC output;
+medqlora/train/training.py MEASURED), so no output, dvc.lock entry or package depends on them.
 """
 from __future__ import annotations
 
@@ -22,11 +23,6 @@ from medqlora.core.outputs import read_json, sha256_tree, write_json
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
              "tokenizers", "safetensors", "dvc", "medqlora")
 META = "meta.json"
-# Facts of metrics/*.json that two runs of the same inputs give differently (wall clock,
-# memory high-water marks, whether the run was interrupted and resumed): reported by
-# `dvc metrics show`, never copied into an output.
-VOLATILE = frozenset({"tokens_per_second", "step_seconds_median", "peak_memory_gib",
-                      "peak_memory_gib_per_process", "resumed_from_step"})
 
 
 def library_versions() -> dict[str, str | None]:
@@ -38,13 +34,6 @@ def library_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def reproducible(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """`metrics` without its VOLATILE facts: what the same inputs always give."""
-    if metrics is None:
-        return None
-    return {key: value for key, value in metrics.items() if key not in VOLATILE}
 
 
 def runner_info() -> dict[str, Any]:

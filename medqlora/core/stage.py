@@ -5,9 +5,11 @@ params, pick the runner, and hand the library only the params dvc.yaml declares 
 
 checks that this `python` has the project's libraries (DVC runs whichever `python` PATH holds:
 without the venv activated that is the system's, and the stage would die deep inside with
-"No module named 'torch'"), validates the *whole* params file (every problem at once, exit 2)
-before any model or data is loaded, and with `runner.backend: docker` re-executes the same
-command inside the project image (see medqlora.core.runner) and exits with the container's code.
+"No module named 'torch'"), pins the CPU numerics before torch loads (the same bytes on any
+x86-64 CPU with AVX2: medqlora.core.cpu_numerics), validates the *whole* params file (every
+problem at once, exit 2) before any model or data is loaded, and with `runner.backend: docker`
+re-executes the same command inside the project image (see medqlora.core.runner) and exits
+with the container's code.
 The params returned are `contract.restrict(params, name)`: reading a key that dvc.yaml does not
 list under the stage's `params:` raises contract.UndeclaredParams. An output that a full disk,
 quota or `ulimit -f` stopped (medqlora.core.outputs.OutputNotWritten) ends the stage with its
@@ -87,7 +89,8 @@ def start(name: str, arg_parser: argparse.ArgumentParser, argv: list[str] | None
     """Check the interpreter, parse args, validate params; hand over to the container runner
     when configured. Returns (args, the params dvc.yaml declares for stage `name`)."""
     require_interpreter(name)
-    from medqlora.core import contract
+    from medqlora.core import contract, cpu_numerics
+    cpu_numerics.pin_environment()  # before anything imports torch: its kernels read these
     from medqlora.core.config import ParamsError, load_params, warnings_for
     setup_logging()
     datasets_cache_in_project()

@@ -36,8 +36,7 @@ import yaml
 
 from medqlora.core.config import Params
 from medqlora.core.outputs import atomic_dir, read_json, sha256_tree
-from medqlora.core.provenance import (library_versions, read_meta, reproducible, runner_info,
-                                      write_meta)
+from medqlora.core.provenance import library_versions, read_meta, runner_info, write_meta
 from medqlora.ship.manifest import canonical, write_manifest
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,8 @@ def dvc_lock_hashes(lock_path: Path = Path("dvc.lock"), skip: str = "package") -
 
 
 def report_paths(pipeline: Path) -> set[str]:
-    """The metrics and plots files dvc.yaml declares: reports (metrics/train.json holds measured
-    speed), not inputs of the package; their hashes stay out of its lineage."""
+    """The metrics and plots files dvc.yaml declares: reports, not inputs of the package; their
+    hashes stay out of its lineage."""
     if not pipeline.is_file():
         return set()
     stages = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("stages") or {}
@@ -224,8 +223,9 @@ def build_package(params: Params, adapter_dir: str | Path, merged_dir: str | Pat
     from medqlora.ship import modelcard
     adapter_dir, merged_dir, metrics_dir = Path(adapter_dir), Path(merged_dir), Path(metrics_dir)
     adapter_meta = read_meta(adapter_dir)
-    metrics = {name: reproducible(_optional_json(metrics_dir / f"{name}.json"))
-               for name in ("prepare", "train", "evaluate", "benchmark", "merge")}  # no timings in the card
+    # metrics/measured/ (speed, memory: they differ per machine) is never read: no timings
+    metrics = {name: _optional_json(metrics_dir / f"{name}.json")
+               for name in ("prepare", "train", "evaluate", "benchmark", "merge")}
     merged_meta = (check_merged(merged_dir, adapter_dir, metrics["merge"])
                    if params.package.include_merged else None)
     merged = merged_status(merged_meta, params.package.include_merged)

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from medqlora.core import modeling
+from medqlora.core import cpu_numerics, modeling
 from medqlora.core.config import Params
 from medqlora.train import launch, planning
 from medqlora.train.fast import attention, fastpath
@@ -75,6 +75,8 @@ class RunContext:
             "attention_kernel": (attention.kernel_name(self.device)
                                  if self.attn_implementation == attention.NAME
                                  else self.attn_implementation),
+            # kernels, threads, SDPA kernel of a CPU run: equal on two machines, equal bytes
+            "cpu_numerics": cpu_numerics.describe() if self.device == "cpu" else None,
         }
 
 

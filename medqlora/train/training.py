@@ -1,7 +1,8 @@
 """The train stage as one recipe: setup -> train -> save (torchtune's recipe shape).
 
     python stages/train.py --params params.yaml --data data/prepared --out models/adapter \
-        --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json
+        --checkpoints checkpoints/train --live dvclive/train --metrics metrics/train.json \
+        --measured metrics/measured/train.json
 
 `run` at the bottom is the whole stage, read top to bottom:
 - setup: resolve the run context once (device, precision, processes, strategy, fast path,
@@ -14,7 +15,8 @@
   CUDA out-of-memory the micro-batch halves and accumulation doubles (same effective batch;
   the arithmetic is medqlora/train/planning.py) and the run resumes.
 - save: the adapter (safetensors only) atomically with its meta.json, and metrics/train.json;
-  both record the run context ("run").
+  both record the run context ("run"). What this machine measured (speed, memory, the resume)
+  goes to metrics/measured/train.json instead (MEASURED).
 """
 from __future__ import annotations
 
@@ -43,6 +45,13 @@ from medqlora.train.run_context import RunContext
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "model", "quantization", "lora", "train")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What two runs of the same inputs measure differently (wall clock, memory high-water marks,
+# whether this run was interrupted and resumed). They go to a file of their own, neither
+# git-tracked nor a DVC output (metrics/measured/, git-ignored), so that metrics/train.json,
+# its hash in dvc.lock and the package hold only what the same inputs always give, and
+# `make repro` leaves `git status` clean on any machine.
+MEASURED = ("tokens_per_second", "step_seconds_median", "peak_memory_gib",
+            "peak_memory_gib_per_process", "resumed_from_step")
 
 
 # ---------------------------------------------------------------- setup
@@ -302,7 +311,8 @@ def final_eval_loss(trainer) -> float:
 
 
 def train_metrics(attempt: Attempt) -> dict:
-    """metrics/train.json: final losses, steps, throughput, memory, parameter counts, the run."""
+    """Final losses, steps, throughput, memory, parameter counts, the run (split_measured
+    parts them into metrics/train.json and metrics/measured/train.json)."""
     trainer, plan, resumed, seconds = attempt.trainer, attempt.plan, attempt.resumed, \
         attempt.seconds
     device = attempt.ctx.device
@@ -353,6 +363,19 @@ def train_metrics(attempt: Attempt) -> dict:
         "resumed_from_step": resumed.step if resumed else 0,
         "run": attempt.ctx.as_dict(),
     }
+
+
+def measured_beside(metrics_path: str | Path) -> Path:
+    """Where the measured facts go by default: measured/<name> in the metrics file's folder
+    (metrics/train.json -> metrics/measured/train.json)."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.parent / "measured" / metrics_path.name
+
+
+def split_measured(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the same inputs always give, what this run measured: the MEASURED keys)."""
+    return ({k: v for k, v in metrics.items() if k not in MEASURED},
+            {k: v for k, v in metrics.items() if k in MEASURED})
 
 
 def base_info(params: Params) -> dict[str, Any]:
@@ -417,8 +440,10 @@ def diverged_outcome(params: Params, run_dir: Path, out_dir: Path,
 # ---------------------------------------------------------------- the recipe
 
 def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_dir: str | Path,
-        live_dir: str | Path | None, metrics_path: str | Path) -> dict[str, Any]:
-    """The whole train stage; returns the metrics written to `metrics_path`.
+        live_dir: str | Path | None, metrics_path: str | Path,
+        measured_path: str | Path | None = None) -> dict[str, Any]:
+    """The whole train stage; returns the metrics written to `metrics_path` and to
+    `measured_path` (the MEASURED keys; None: measured_beside(metrics_path)), in one dict.
 
     `live_dir` None writes no dvclive curves (`--live none`: runs outside DVC, such as the
     GPU benchmarks, where dvc and dvclive need not be installed).
@@ -449,7 +474,9 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     lora = adapter_io.gather_lora(attempt.trainer.model) if ctx.fsdp else None
     if ctx.is_main:
         save_adapter(attempt, tokenizer, params, data_dir, out_dir, base, lora)
-        write_json(metrics_path, metrics)
+        stable, measured = split_measured(metrics)
+        write_json(measured_path or measured_beside(metrics_path), measured)
+        write_json(metrics_path, stable)
         log.info("train: step %d, eval loss %.4f -> %.4f, %.0f tokens/s",
                  metrics["global_step"], metrics["eval_loss_start"] or float("nan"),
                  metrics["eval_loss"], metrics["tokens_per_second"] or 0)
