@@ -424,7 +424,10 @@ def test_divergence_guard_checks_gradients_before_the_optimizer_step():
 # the gradient of step 3 is NaN (measured: all 28 LoRA tensors, 2 layers x 7 x A, B).
 DIVERGE = {**SHORT, "lora.r": 1, "lora.lora_alpha": 4096, "train.learning_rate": 1.0,
            "train.warmup_ratio": 0.0, "train.max_steps": 8, "train.save_steps": 1,
-           "train.eval_steps": 100, "train.early_stopping_patience": 0}
+           "train.eval_steps": 100, "train.early_stopping_patience": 0,
+           # float16 compute overflows at step 2 whatever the CPU kernels (bf16 did at step 3
+           # with AVX-512 kernels, and never with the pinned AVX2 ones)
+           "quantization.bnb_4bit_compute_dtype": "float16"}
 
 @pytest.mark.slow
 def test_base_is_really_4bit_and_lora_wraps_every_projection(base):
@@ -743,20 +746,20 @@ def test_a_diverging_run_exits_1_publishes_nothing_and_keeps_the_last_good_check
     assert exit_.value.code == 1
     (run_dir,) = list((out / "ckpt").iterdir())
     err = capsys.readouterr().err.splitlines()
-    assert err[-4].startswith("train: diverged at step 3: the gradient is not finite in 28 of "
+    assert err[-4].startswith("train: diverged at step 2: the gradient is not finite in 28 of "
                               "28 trainable tensors (first: base_model.model.model.layers.0.")
     assert err[-3:] == [
         f"nothing was published: {out / 'adapter'} and {out / 'train.json'} were left as they were",
-        f"last good checkpoint: {run_dir / 'checkpoint-2'} (kept)",
+        f"last good checkpoint: {run_dir / 'checkpoint-1'} (kept)",
         "lower train.learning_rate (1) or lora.lora_alpha (4096), or clip harder with "
         "train.max_grad_norm (0.3); changing them starts a fresh run (a re-run with the same "
         "params resumes from the checkpoint above and diverges again)"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_model.safetensors"]
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == b"earlier adapter"
     assert (out / "train.json").read_text() == '{"eval_loss": 2.5}\n'
-    assert [p.name for p in checkpoints.checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-1"]
-    assert checkpoints.latest_complete(run_dir) == run_dir / "checkpoint-2"  # resumable
-    weights = load_file(str(run_dir / "checkpoint-2" / "adapter_model.safetensors"))
+    assert [p.name for p in checkpoints.checkpoints(run_dir)] == ["checkpoint-1"]
+    assert checkpoints.latest_complete(run_dir) == run_dir / "checkpoint-1"  # resumable
+    weights = load_file(str(run_dir / "checkpoint-1" / "adapter_model.safetensors"))
     assert len(weights) == 28 and all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 

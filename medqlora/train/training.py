@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from medqlora.core import modeling
+from medqlora.core import cpu_numerics, modeling
 from medqlora.core.config import Params
 from medqlora.core.outputs import atomic_dir, sha256_tree, write_json
 from medqlora.core.provenance import write_meta
@@ -457,8 +457,11 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     base = base_info(params)  # hashed once: it names the checkpoint folder and goes in meta.json
     # FSDP checkpoints (sharded) cannot resume a DDP/single run or the reverse: own folder.
     fsdp = {"fsdp": True} if ctx.fsdp else {}
-    key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base, **fsdp},
-                                  sha256_tree(data_dir))
+    # On a CPU the kernels and threads shape the bytes too: a pinned run never resumes from a
+    # checkpoint written with other numerics (it would not give the bytes dvc.lock records).
+    numerics = {"cpu_numerics": cpu_numerics.describe()} if ctx.device == "cpu" else {}
+    key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base, **fsdp,
+                                   **numerics}, sha256_tree(data_dir))
     run_dir = Path(checkpoints_dir) / key
     log.info("checkpoints: %s (fingerprint of params + prepared data)", run_dir)
     tokenizer = modeling.load_tokenizer(params.model)
