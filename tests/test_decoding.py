@@ -391,3 +391,20 @@ def test_generate_tokens_sampling_does_not_depend_on_batch_size(model, tokenizer
     alone = [_alone(model, p, 8, do_sample=True, temperature=1.0, top_p=0.9, seed=7 + i).tokens
              for i, p in enumerate(ids)]
     assert out[1] == out[3] == [_cut(t, {tokenizer.eos_token_id}) for t in alone]
+
+
+@pytest.mark.slow
+def test_a_decode_step_that_cannot_be_captured_falls_back_to_eager(model, reference, caplog):
+    """graphs on where CUDA graphs cannot run (here: no GPU, so capturing raises): the decoder
+    says so once, decodes eagerly, and the tokens are unchanged; warm() takes the same path."""
+    prompts = _prompts()
+    decoder = Decoder(model, [], rows=4, columns=TIGHT, pad_id=PAD, graphs=True)
+    with caplog.at_level("WARNING", logger="medqlora.evaluate.decoding"):
+        decoder.warm(prompts[0])
+        requests = [Request(p, n) for p, n in zip(prompts, NEW)]
+        decoder.run(requests)
+    assert [r.tokens for r in requests] == [reference(p, n) for p, n in zip(prompts, NEW)]
+    assert decoder.graphs is False and decoder.captured == {}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "decode step not capturable as a CUDA graph (")

@@ -245,10 +245,9 @@ class Decoder:
         """Allocate the cache and capture the decode step at every bucket (a server does this
         before its first request, so no request pays for a capture)."""
         self.run([Request(list(prompt_ids), 2)])
-        if self.graphs:
-            for size in buckets(self.rows):
-                if size not in self.captured:
-                    self.captured[size] = self._capture(size)
+        for size in buckets(self.rows):
+            if self.graphs and size not in self.captured:
+                self._forward(size)   # captures (or falls back to eager), then one idle replay
 
     # ---------------------------------------------------------------- admission and prefill
 
@@ -370,7 +369,8 @@ class Decoder:
         if size not in self.captured:
             try:
                 self.captured[size] = self._capture(size)
-            except RuntimeError as err:   # a kernel that cannot be captured: decode eagerly
+            except Exception as err:  # noqa: BLE001 - a kernel that cannot be captured
+                # (a host sync, an allocation pattern CUDA graphs refuse): decode eagerly
                 log.warning("decode step not capturable as a CUDA graph (%s); decoding "
                             "eagerly", err)
                 self.graphs = False
