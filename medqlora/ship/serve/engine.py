@@ -212,7 +212,8 @@ class Engine:
                 self._fail(list(self._live), f"generation failed: {type(err).__name__}: {err}")
                 self.decoder = self._decoder()   # a fresh cache: the failed one may be torn
                 continue
-            self.metrics.batch_size.observe(len(self.decoder.active) or len(touched))
+            if touched:   # the rows that prefilled or decoded in this step
+                self.metrics.batch_size.observe(len(touched))
             for request in touched:
                 job = self._live.get(request)
                 if job is not None:
