@@ -178,6 +178,7 @@ def prepare(model, sequences: list[list[int]], max_effect_lost: float,
     with model.disable_adapter():
         effect = compare_logits(reference, teacher_forced_logits(model, sequences))
     dtype = str(_dtype(quantized_linears(model)[0][2])).removeprefix("torch.")
+    size = {"copy_gib": round(copy_bytes(model) / 2**30, 3)}   # metrics hold no free memory
     copy = DecodeCopy.make(model)
     stats = agreement(reference, teacher_forced_logits(model, sequences), effect,
                       max_effect_lost, min_top1)
@@ -187,9 +188,10 @@ def prepare(model, sequences: list[list[int]], max_effect_lost: float,
              stats["top1_agreement"], min_top1)
     if stats["passed"]:
         copy.keep()
-        return {"weights": f"dequantized copy ({dtype})", "reason": why, "agreement": stats}
+        log.info("decoding on the dequantized copy (%s)", why)
+        return {"weights": f"dequantized copy ({dtype})", **size, "agreement": stats}
     copy.undo()
     log.warning("decoding on the 4-bit weights: the dequantized copy disagrees with them beyond "
                 "the parity gate's tolerance (merge.max_effect_lost, merge.min_top1_agreement)")
-    return {"weights": "4-bit", "reason": "the copy failed the agreement check",
+    return {"weights": "4-bit", "reason": "the copy failed the agreement check", **size,
             "agreement": stats}
