@@ -1,24 +1,30 @@
-"""The decode copy (medqlora/evaluate/decode_copy.py) on the embedded default's 4-bit base +
-adapter: the copy holds the numbers the 4-bit layers multiply with, undo restores them exactly,
+"""The decode copy (medqlora/evaluate/decode_copy.py) on a trained adapter over the 4-bit tiny
+base: the copy holds the numbers the 4-bit layers multiply with, undo restores them exactly,
 and evaluate's decision follows the agreement and the memory check."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import ROOT
+from adapter_fixture import make_adapter
+from conftest import TINY_MODEL
 from medqlora.evaluate import decode_copy
 
 pytestmark = pytest.mark.slow
-ADAPTER = ROOT / "models" / "adapter"
 TEXTS = ["What is the normal range of serum potassium?",
          "Analyse the following results:\n\nSodium (Na+): 128 mmol/L (ref: 135-145)"]
 
 
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return make_adapter(str(TINY_MODEL), tmp_path_factory.mktemp("adapter"), steps=12, lr=0.1,
+                        **{"quantization.bnb_4bit_compute_dtype": "bfloat16"})
+
+
 @pytest.fixture()
-def shipped():
+def shipped(adapter):
     from medqlora.core.modeling import load_shipped
-    model, tokenizer, _ = load_shipped(ADAPTER)
+    model, tokenizer, _ = load_shipped(adapter)
     return model, [tokenizer(t)["input_ids"] for t in TEXTS]
 
 
@@ -55,7 +61,7 @@ def test_prepare_keeps_the_copy_when_it_agrees(shipped):
     agreement = decided["agreement"]
     assert agreement["passed"] and agreement["n_positions"] == sum(map(len, ids))
     assert agreement["mean_abs_logit_diff"] <= agreement["checks"]["mean_abs_logit_diff"]["limit"]
-    assert agreement["adapter_effect_mean_abs_logit_diff"] > 1.0   # the trained adapter's effect
+    assert agreement["adapter_effect_mean_abs_logit_diff"] > 0.01   # a trained adapter's effect
     assert not decode_copy.quantized_linears(model)
 
 
