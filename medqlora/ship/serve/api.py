@@ -13,16 +13,17 @@ With --api-key every route but /health (and /metrics with --public-metrics) need
 bodies over --max-body-bytes get 413 (guards). No /docs, /redoc or /openapi.json: the API is
 OpenAI's, documented in docs/deploy.md.
 
-One generation path. The model is loaded by generation.load_for_generation (as `medqlora
-generate` loads it), chat prompts are built by templates.format_messages (the template and
-system text of training), and every batch is decoded with generation.generation_config and
-generation.left_pad, the settings and padding evaluate and `medqlora generate` use; an answer is
-the new tokens up to eos, decoded without special tokens and stripped, as generation does. So
-greedy answers equal `medqlora generate`'s (tests/test_serving.py checks it).
+One decoding path. The model is loaded by generation.load_for_generation (as `medqlora
+generate` loads it, decode copy included), chat prompts are built by templates.format_messages
+(the template and system text of training), and every request is decoded by the same
+continuous-batching Decoder (medqlora/evaluate/decoding.py) evaluate and `medqlora generate`
+use; an answer is the new tokens up to eos or end of turn, decoded without special tokens and
+stripped, as generation does. So greedy answers equal `medqlora generate`'s
+(tests/test_serving.py checks it).
 
-Modules: api (this HTTP layer, pulling and running), engine (the batching worker), metrics
-(Prometheus series and the middleware that records them), guards (API key and body limit),
-errors (OpenAI's error body).
+Modules: api (this HTTP layer, pulling and running), engine (the continuous-batching worker),
+metrics (Prometheus series and the middleware that records them), guards (API key and body
+limit), errors (OpenAI's error body).
 """
 from __future__ import annotations
 
