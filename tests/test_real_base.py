@@ -98,10 +98,7 @@ def real_run(smollm2, tmp_path_factory):
     (ws / "models" / SMOLLM2.name).symlink_to(SMOLLM2)   # the GGUF, not copied (98 MB)
     write_params(ws / "params.yaml", OVERRIDES,
                  base=ROOT / "examples" / "smollm2-135m-medical.yaml")
-    # The materialised base, reused; the CPU's own kernels: this run checks quality and stopping,
-    # not bytes, and the portable pins (oneDNN capped at AVX2) make bf16 matmuls ~11x slower on
-    # an AVX-512 CPU (README, "Same bytes on another machine")
-    env = {"MEDQLORA_CACHE": str(SMOLLM2_CACHE), "MEDQLORA_CPU_NUMERICS": "native"}
+    env = {"MEDQLORA_CACHE": str(SMOLLM2_CACHE)}   # the materialised base, reused
     run(["dvc", "repro"], ws, env=env)
     run(["medqlora", "export", "artifacts/package", "--out", "export", "--targets",
          "gguf,ollama", "--gguf-type", "q8_0"], ws, env=env)
