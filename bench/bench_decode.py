@@ -105,13 +105,6 @@ def timed(fn, *args, **kwargs) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def logits_of(model, prompts) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([p], device=device)).logits[0].float().cpu()
-                for p in prompts]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="mistral-7b")
@@ -122,7 +115,8 @@ def main(argv=None) -> int:
                         help="prompt lengths drawn uniformly in [lo, hi]")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--skip-slow", action="store_true",
-                        help="skip the eager Decoder over the 4-bit base and model.generate over the copy")
+                        help="skip the eager Decoder over the 4-bit base and model.generate "
+                             "over the copy")
     parser.add_argument("--out", default="bench/results/decode")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -152,9 +146,9 @@ def main(argv=None) -> int:
     model = with_lora(build_base(args.arch, args.layers), args.rank)
     n = args.new_tokens
     few = prompts[:16]
-    reference = logits_of(model, few[:8])
+    reference = decode_copy.teacher_forced_logits(model, few[:8])
     with model.disable_adapter():
-        effect = compare_logits(reference, logits_of(model, few[:8]))
+        effect = compare_logits(reference, decode_copy.teacher_forced_logits(model, few[:8]))
     decoder(model, prompts[:2], 4, graphs)()   # warm-up (kernels, cuBLAS handles)
     record("4-bit + LoRA", "model.generate, static batch", static, model, prompts, n)
     if not args.skip_slow:
@@ -165,7 +159,8 @@ def main(argv=None) -> int:
     fits, why = decode_copy.fits(model)
     print(f"decode copy: {why}", flush=True)
     copy = decode_copy.DecodeCopy.make(model)
-    stats = decode_copy.agreement(reference, logits_of(model, few[:8]), effect, 0.1, 0.95)
+    stats = decode_copy.agreement(reference, decode_copy.teacher_forced_logits(model, few[:8]),
+                                  effect, 0.1, 0.95)
     print(f"copy vs 4-bit reference: {json.dumps(stats)}", flush=True)
     copy.keep()
     if not args.skip_slow:
