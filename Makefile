@@ -61,7 +61,7 @@ repro-smollm2: smollm2
 # Tests run in a random order (pytest-randomly prints its seed): repeat one with
 # PYTEST_ARGS=--randomly-seed=N, or keep file order with PYTEST_ARGS="-p no:randomly".
 test: setup llama-cpp smollm2
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

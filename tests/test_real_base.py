@@ -78,14 +78,20 @@ OVERRIDES = {
     "data.max_seq_length": 320, "data.heldout_sources": [],
     "train.max_steps": 3, "train.per_device_train_batch_size": 4,
     "train.per_device_eval_batch_size": 16, "train.eval_steps": 3, "train.save_steps": 3,
-    "train.logging_steps": 1, "train.mixed_precision": "auto",
+    "train.logging_steps": 1, "train.mixed_precision": "no",
+    # float32 compute: a CPU pinned to AVX2 (core/cpu_numerics.py) emulates bf16 matmuls
+    # about 10x slower than float32 ones; the bf16 path is the embedded default's tests'.
+    "quantization.bnb_4bit_compute_dtype": "float32",
     "evaluate.max_examples": 4, "evaluate.max_new_tokens": 24, "evaluate.batch_size": 4,
     "evaluate.bootstrap_samples": 100, "merge.parity_prompts": 4,
 }
-# Short questions SmolLM2-135M-Instruct answers in one sentence, then <|im_end|>.
-QUESTIONS = ["Reply with one word: is a potassium of 6.4 mmol/L high or low?",
-             "What is the capital of France? Answer in one word.",
-             "Is 2+2 equal to 4? Answer yes or no."]
+# Short questions SmolLM2-135M-Instruct answers in one sentence, then <|im_end|> (p > 0.9
+# under llama.cpp's q8_0). Not "is a potassium of 6.4 mmol/L high or low?": a 135M model
+# loops on it ("A potassium of 6.4 mmol/L high is a potassium of ..."), or stops only after
+# 26 tokens, depending on the CPU's kernels: CI's failed on it.
+QUESTIONS = ["Is a fever a high or a low body temperature? Answer in one word.",
+             "Name the organ that produces insulin. Answer in one word.",
+             "What is the capital of France? Answer in one word."]
 MAX_NEW = 48
 
 

@@ -648,6 +648,10 @@ def test_rerun_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(short_
     # without callbacks.StopAtEnd it trained a 7th step and the adapter differed.
     params, metrics, paths = short_run
     shutil.copytree(paths["ckpt"], tmp_path / "ckpt")
+    # A fresh process's torch (flash attention on, its own thread count): the checkpoint
+    # folder's name must still be the pinned run's (CI once named it before pinning).
+    torch.backends.cuda.enable_flash_sdp(True)
+    torch.set_num_threads(1)
     with caplog.at_level(logging.INFO, logger="medqlora.train.training"):
         again = training.run(params, data, tmp_path / "adapter", tmp_path / "ckpt", None,
                              tmp_path / "train.json")

@@ -459,7 +459,10 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path, checkpoints_d
     fsdp = {"fsdp": True} if ctx.fsdp else {}
     # On a CPU the kernels and threads shape the bytes too: a pinned run never resumes from a
     # checkpoint written with other numerics (it would not give the bytes dvc.lock records).
-    numerics = {"cpu_numerics": cpu_numerics.describe()} if ctx.device == "cpu" else {}
+    numerics = {}
+    if ctx.device == "cpu":  # pinned first: describe() names the threads and kernel that train
+        cpu_numerics.pin_torch()
+        numerics = {"cpu_numerics": cpu_numerics.describe()}
     key = checkpoints.fingerprint({**params.section(*SECTIONS), "base": base, **fsdp,
                                    **numerics}, sha256_tree(data_dir))
     run_dir = Path(checkpoints_dir) / key
