@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import build_base  # noqa: E402
-from medqlora.evaluate import decode_copy, decoding  # noqa: E402
+from medqlora.evaluate import decode_copy, decoding, parity  # noqa: E402
 from medqlora.evaluate.decoding import left_pad  # noqa: E402
 from medqlora.evaluate.parity import compare_logits  # noqa: E402
 
@@ -146,9 +146,9 @@ def main(argv=None) -> int:
     model = with_lora(build_base(args.arch, args.layers), args.rank)
     n = args.new_tokens
     few = prompts[:16]
-    reference = decode_copy.teacher_forced_logits(model, few[:8])
+    reference = parity.sequence_logits(model, few[:8])
     with model.disable_adapter():
-        effect = compare_logits(reference, decode_copy.teacher_forced_logits(model, few[:8]))
+        effect = compare_logits(reference, parity.sequence_logits(model, few[:8]))
     decoder(model, prompts[:2], 4, graphs)()   # warm-up (kernels, cuBLAS handles)
     record("4-bit + LoRA", "model.generate, static batch", static, model, prompts, n)
     if not args.skip_slow:
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     fits, why = decode_copy.fits(model)
     print(f"decode copy: {why}", flush=True)
     copy = decode_copy.DecodeCopy.make(model)
-    stats = decode_copy.agreement(reference, decode_copy.teacher_forced_logits(model, few[:8]),
+    stats = decode_copy.agreement(reference, parity.sequence_logits(model, few[:8]),
                                   effect, 0.1, 0.95)
     print(f"copy vs 4-bit reference: {json.dumps(stats)}", flush=True)
     copy.keep()

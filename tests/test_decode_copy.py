@@ -8,7 +8,7 @@ import torch
 
 from adapter_fixture import make_adapter
 from conftest import TINY_MODEL
-from medqlora.evaluate import decode_copy
+from medqlora.evaluate import decode_copy, parity
 
 pytestmark = pytest.mark.slow
 TEXTS = ["What is the normal range of serum potassium?",
@@ -33,7 +33,7 @@ def test_the_copy_multiplies_by_the_4bit_layers_numbers_and_undo_restores_them(s
     (_, _, layer), *_ = decode_copy.quantized_linears(model)
     x = torch.randn(3, layer.in_features).to(layer.compute_dtype)
     before = decode_copy.dequantized_linear(layer).weight    # the layout bitsandbytes loaded
-    reference = decode_copy.teacher_forced_logits(model, ids)  # repacks CPU layers for its kernel
+    reference = parity.sequence_logits(model, ids)  # repacks CPU layers for its kernel
     assert layer.weight.quant_state.packing_format_for_cpu
     after = decode_copy.dequantized_linear(layer).weight      # read from the repacked layout
     # The repacked state keeps block scales in bf16: the copy uses those, a bf16 rounding of
@@ -45,10 +45,10 @@ def test_the_copy_multiplies_by_the_4bit_layers_numbers_and_undo_restores_them(s
                           atol=0.05, rtol=0.02)
     copy = decode_copy.DecodeCopy.make(model)
     assert not decode_copy.quantized_linears(model) and len(copy.swapped) == 28
-    copied = decode_copy.teacher_forced_logits(model, ids)
+    copied = parity.sequence_logits(model, ids)
     copy.undo()
     assert len(decode_copy.quantized_linears(model)) == 28
-    again = decode_copy.teacher_forced_logits(model, ids)
+    again = parity.sequence_logits(model, ids)
     assert all(torch.equal(a, b) for a, b in zip(reference, again))    # undo is exact
     diff = torch.cat([(a - b).abs().flatten() for a, b in zip(reference, copied)])
     assert 0 < diff.mean() < 0.05          # kernel noise, not another model
@@ -67,12 +67,12 @@ def test_prepare_keeps_the_copy_when_it_agrees(shipped):
 
 def test_prepare_stays_on_4bit_when_the_copy_disagrees_or_does_not_fit(shipped, monkeypatch):
     model, ids = shipped
-    reference = decode_copy.teacher_forced_logits(model, ids)
+    reference = parity.sequence_logits(model, ids)
     strict = decode_copy.prepare(model, ids, max_effect_lost=1e-9, min_top1=0.9)
     assert strict["weights"] == "4-bit" and not strict["agreement"]["passed"]
     assert len(decode_copy.quantized_linears(model)) == 28
     assert all(torch.equal(a, b) for a, b in
-               zip(reference, decode_copy.teacher_forced_logits(model, ids)))
+               zip(reference, parity.sequence_logits(model, ids)))
     monkeypatch.setattr(decode_copy, "free_bytes", lambda device: 2**30)
     tight = decode_copy.prepare(model, ids, max_effect_lost=0.1, min_top1=0.9)
     assert tight == {"weights": "4-bit", "reason": tight["reason"]}

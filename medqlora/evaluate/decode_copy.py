@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from medqlora.evaluate.parity import compare_logits
+from medqlora.evaluate.parity import compare_logits, sequence_logits
 
 log = logging.getLogger(__name__)
 # Left free after the copy: the KV cache, prefill activations and the allocator's slack.
@@ -151,14 +151,6 @@ def agreement(reference: list[torch.Tensor], other: list[torch.Tensor],
             "checks": checks, "passed": all(c["passed"] for c in checks.values())}
 
 
-def teacher_forced_logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """Float32 CPU logits [positions, vocab] of each token sequence, one at a time (no padding)."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([list(ids)], device=device)).logits[0].float().cpu()
-                for ids in sequences]
-
-
 def prepare(model, sequences: list[list[int]], max_effect_lost: float,
             min_top1: float) -> dict[str, Any]:
     """Swap in the decode copy when it fits and agrees with the 4-bit reference on `sequences`
@@ -174,13 +166,13 @@ def prepare(model, sequences: list[list[int]], max_effect_lost: float,
     if not ok:
         log.warning("decoding on the 4-bit weights: %s", why)
         return {"weights": "4-bit", "reason": why}
-    reference = teacher_forced_logits(model, sequences)
+    reference = sequence_logits(model, sequences)
     with model.disable_adapter():
-        effect = compare_logits(reference, teacher_forced_logits(model, sequences))
+        effect = compare_logits(reference, sequence_logits(model, sequences))
     dtype = str(_dtype(quantized_linears(model)[0][2])).removeprefix("torch.")
     size = {"copy_gib": round(copy_bytes(model) / 2**30, 3)}   # metrics hold no free memory
     copy = DecodeCopy.make(model)
-    stats = agreement(reference, teacher_forced_logits(model, sequences), effect,
+    stats = agreement(reference, sequence_logits(model, sequences), effect,
                       max_effect_lost, min_top1)
     log.info("decode copy vs the 4-bit reference over %d positions: mean |logit diff| %.5f "
              "(limit %.5f), top-1 agreement %.4f (limit %.2f)", stats["n_positions"],

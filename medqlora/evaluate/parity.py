@@ -7,6 +7,16 @@ from typing import Any
 import torch
 
 
+@torch.no_grad()
+def sequence_logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Float32 CPU logits [positions, vocab] of each token sequence, one at a time (no padding,
+    no cache): the teacher-forced numbers every comparison here reads."""
+    model.eval()
+    device = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
+            .logits[0].float().cpu() for ids in sequences]
+
+
 def top1_agree(ref: torch.Tensor, oth: torch.Tensor) -> torch.Tensor:
     """Per position: do both models pick the same next token?
 

@@ -34,7 +34,7 @@ from medqlora.core import modeling
 from medqlora.core.config import MergeParams, Params
 from medqlora.core.outputs import atomic_dir, write_json
 from medqlora.core.provenance import read_meta, write_meta
-from medqlora.evaluate.parity import compare_logits
+from medqlora.evaluate.parity import compare_logits, sequence_logits
 
 log = logging.getLogger(__name__)
 # Merging into both weight sets costs a second full-precision load; below this size it is
@@ -57,16 +57,9 @@ def parity_prompts(data_dir: str | Path, count: int) -> list[str]:
     return prompts[:count]
 
 
-@torch.no_grad()
 def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     """Float32 CPU logits [positions, vocab] of each prompt, one prompt at a time (no padding)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out.append(model(input_ids=ids, use_cache=False).logits[0].float().cpu())
-    return out
+    return sequence_logits(model, [tokenizer(prompt).input_ids for prompt in prompts])
 
 
 def worse(*stats: dict[str, Any]) -> dict[str, Any]:
