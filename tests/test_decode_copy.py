@@ -61,7 +61,7 @@ def test_prepare_keeps_the_copy_when_it_agrees(shipped):
     agreement = decided["agreement"]
     assert agreement["passed"] and agreement["n_positions"] == sum(map(len, ids))
     assert agreement["mean_abs_logit_diff"] <= agreement["checks"]["mean_abs_logit_diff"]["limit"]
-    assert agreement["adapter_effect_mean_abs_logit_diff"] > 0.01   # a trained adapter's effect
+    assert agreement["adapter_effect_mean_abs_logit_diff"] > 1.0   # the trained adapter: 2.02
     assert not decode_copy.quantized_linears(model)
 
 
