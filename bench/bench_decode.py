@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_train import build_base  # noqa: E402
 from medqlora.evaluate import decode_copy, decoding, parity  # noqa: E402
 from medqlora.evaluate.decoding import left_pad  # noqa: E402
-from medqlora.evaluate.parity import compare_logits  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
     few = prompts[:16]
     reference = parity.sequence_logits(model, few[:8])
     with model.disable_adapter():
-        effect = compare_logits(reference, parity.sequence_logits(model, few[:8]))
+        effect = parity.compare_logits(reference, parity.sequence_logits(model, few[:8]))
     decoder(model, prompts[:2], 4, graphs)()   # warm-up (kernels, cuBLAS handles)
     record("4-bit + LoRA", "model.generate, static batch", static, model, prompts, n)
     if not args.skip_slow:
